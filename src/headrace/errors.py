@@ -1,0 +1,140 @@
+"""Every error Headrace raises on purpose, rendered by one handler in OpenAI's error shape.
+
+::
+
+    HeadraceError                      500 api_error
+    ├── InvalidRequestError            400 invalid_request_error
+    │   ├── MalformedJsonError         400 invalid_request_error / invalid_json
+    │   ├── ValidationFailedError      400 invalid_request_error / invalid_value (names the field)
+    │   └── PayloadTooLargeError       413 invalid_request_error / payload_too_large
+    ├── AuthenticationError            401 authentication_error / invalid_api_key
+    ├── PermissionDeniedError          403 permission_error
+    ├── NotFoundError                  404 not_found_error
+    │   └── ModelNotFoundError         404 invalid_request_error / model_not_found
+    ├── OverloadedError                503 service_unavailable / overloaded
+    └── UpstreamError                  502 upstream_error (names the deployment, never its key)
+        ├── UpstreamStatusError        502 (the upstream answered with an error status)
+        ├── UpstreamUnavailableError   503 (could not connect)
+        └── UpstreamTimeoutError       504 (no answer in time)
+
+Messages say what happened and what to do about it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class HeadraceError(Exception):
+    """Base of the tree. ``status`` is the HTTP status; ``type``/``code`` go on the wire."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "api_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = headers or {}
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(HeadraceError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class MalformedJsonError(InvalidRequestError):
+    default_code = "invalid_json"
+
+
+class ValidationFailedError(InvalidRequestError):
+    default_code = "invalid_value"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    status = 413
+    default_code = "payload_too_large"
+
+
+class AuthenticationError(HeadraceError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(HeadraceError):
+    status = 403
+    type = "permission_error"
+    default_code = "permission_denied"
+
+
+class NotFoundError(HeadraceError):
+    status = 404
+    type = "not_found_error"
+    default_code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class OverloadedError(HeadraceError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "overloaded"
+
+
+class UpstreamError(HeadraceError):
+    """An upstream deployment failed. ``deployment`` names it; messages never carry keys."""
+
+    status = 502
+    type = "upstream_error"
+    default_code = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        deployment: str,
+        upstream_status: int | None = None,
+        retry_after_s: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.deployment = deployment
+        self.upstream_status = upstream_status
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamStatusError(UpstreamError):
+    default_code = "upstream_status"
+
+
+class UpstreamUnavailableError(UpstreamError):
+    status = 503
+    default_code = "upstream_unavailable"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    default_code = "upstream_timeout"

@@ -1,0 +1,1 @@
+"""Upstream providers: one :class:`~headrace.providers.base.Provider` per deployment."""
