@@ -97,7 +97,6 @@ class EmbeddingRequest:
     model: str
     inputs: Sequence[str]
     body: Mapping[str, Any]
-    encoding_format: str = "float"
     dimensions: int | None = None
 
 
@@ -180,3 +179,8 @@ class Principal:
     key_id: str
     role: Role
     team_id: str | None = None
+    allowed_models: frozenset[str] = frozenset()
+
+    def may_use(self, model: str) -> bool:
+        """An empty ``allowed_models`` allows every model."""
+        return not self.allowed_models or model in self.allowed_models

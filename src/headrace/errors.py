@@ -13,7 +13,9 @@
     │   └── ModelNotFoundError         404 invalid_request_error / model_not_found
     ├── OverloadedError                503 service_unavailable / overloaded
     └── UpstreamError                  502 upstream_error (names the deployment, never its key)
-        ├── UpstreamStatusError        502 (the upstream answered with an error status)
+        ├── UpstreamStatusError        502 (the upstream answered 5xx, 401/403, or nonsense)
+        ├── UpstreamRejectedError      400 (the upstream refused the request itself: 400/404/422)
+        ├── UpstreamRateLimitedError   429 (the upstream is rate limiting; Retry-After passed on)
         ├── UpstreamUnavailableError   503 (could not connect)
         └── UpstreamTimeoutError       504 (no answer in time)
 
@@ -128,6 +130,18 @@ class UpstreamError(HeadraceError):
 
 class UpstreamStatusError(UpstreamError):
     default_code = "upstream_status"
+
+
+class UpstreamRejectedError(UpstreamError):
+    status = 400
+    type = "invalid_request_error"
+    default_code = "upstream_rejected"
+
+
+class UpstreamRateLimitedError(UpstreamError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "upstream_rate_limited"
 
 
 class UpstreamUnavailableError(UpstreamError):

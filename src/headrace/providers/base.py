@@ -7,7 +7,7 @@ lazily, so optional dependencies (llama-cpp-python, say) load only when a deploy
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from headrace.domain import (
@@ -37,7 +37,7 @@ class Provider(Protocol):
         """Answer a non-streamed chat request; ``usage`` must be filled in."""
         ...
 
-    def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+    def stream_chat(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         """Yield chunks as the upstream produces them, never buffering the whole answer.
 
         The last chunk carries ``usage`` (a usage-only chunk with empty ``choices``),

@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from headrace.domain import (
@@ -79,7 +79,7 @@ class EchoProvider:
         }
         return ChatResponse(body=body, usage=usage)
 
-    async def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+    async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         self.calls += 1
         text, usage = self._answer(request)
         base = {

@@ -1,0 +1,68 @@
+"""One place that renders every error in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+
+from __future__ import annotations
+
+import orjson
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from headrace.errors import HeadraceError, InvalidRequestError, NotFoundError
+
+log = structlog.get_logger("headrace.api")
+
+
+def error_response(error: HeadraceError, status: int | None = None) -> Response:
+    return Response(
+        orjson.dumps(error.to_openai()),
+        status_code=status or error.status,
+        headers=error.headers,
+        media_type="application/json",
+    )
+
+
+async def _headrace_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HeadraceError)
+    return error_response(exc)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(
+            NotFoundError(
+                f"Unknown path {request.method} {request.url.path}. See /docs for the routes."
+            )
+        )
+    error = InvalidRequestError(str(exc.detail), code=f"http_{exc.status_code}")
+    return error_response(error, status=exc.status_code)
+
+
+async def _validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in first["loc"][1:]) or None
+    return error_response(
+        InvalidRequestError(f"Invalid value for '{param}': {first['msg']}.", param=param)
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    call = request.scope.get("state", {}).get("call")
+    request_id = getattr(call, "request_id", "unknown")
+    log.error("unhandled_error", request_id=request_id, exc_info=exc)
+    return error_response(
+        HeadraceError(
+            f"Headrace hit an internal error (request id {request_id}); "
+            "the logs have the details."
+        )
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(HeadraceError, _headrace_error)
+    app.add_exception_handler(HTTPException, _http_exception)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

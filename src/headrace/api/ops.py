@@ -1,0 +1,56 @@
+"""Operations routes: liveness, readiness (each dependency checked) and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from headrace.api.context import runtime
+from headrace.observability.metrics import CONTENT_TYPE
+
+router = APIRouter()
+
+CHECK_TIMEOUT_S = 5.0
+
+
+@router.get("/health/live", tags=["ops"])
+async def live() -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+@router.get("/health/ready", tags=["ops"])
+async def ready(request: Request) -> Response:
+    """200 when every dependency answers, else 503 naming the ones that failed and why."""
+    checks = runtime(request).readiness
+
+    async def run(name: str) -> tuple[str, str | None]:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                await checks[name]()
+        except TimeoutError:
+            return name, f"no answer within {CHECK_TIMEOUT_S:g} s"
+        except Exception as exc:  # noqa: BLE001 - any failure is a failed check, reported
+            return name, getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        return name, None
+
+    results = await asyncio.gather(*(run(name) for name in checks))
+    failed = {name: error for name, error in results if error is not None}
+    body = {
+        "status": "unavailable" if failed else "ready",
+        "checks": {
+            name: {"status": "failed", "error": error} if error else {"status": "ok"}
+            for name, error in results
+        },
+    }
+    return Response(
+        orjson.dumps(body), status_code=503 if failed else 200, media_type="application/json"
+    )
+
+
+@router.get("/metrics", tags=["ops"])
+async def metrics(request: Request) -> Response:
+    return Response(runtime(request).metrics.render(), media_type=CONTENT_TYPE)

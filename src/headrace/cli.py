@@ -1,0 +1,118 @@
+"""The ``headrace`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from headrace import __version__
+from headrace.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    name="headrace",
+    help="Headrace: an OpenAI-compatible AI gateway.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file; without one, the embedded default (local models, SQLite).",
+        exists=True,
+        dir_okay=False,
+        envvar="HEADRACE_CONFIG",
+    ),
+]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+def _announce_admin_key(secret: str, data_dir: Path) -> None:
+    line = "-" * 72
+    typer.echo(
+        f"{line}\nHeadrace created an admin API key. It is shown only this once:\n\n"
+        f"    {secret}\n\nIt is also saved, readable only by you, in "
+        f"{data_dir / 'admin-key'}\n{line}",
+        err=True,
+    )
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="Overrides server.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Overrides server.port.")] = None,
+) -> None:
+    """Run the gateway."""
+    import uvicorn
+
+    from headrace.api import create_app
+    from headrace.observability.logging import configure_logging
+    from headrace.wiring import build_runtime
+
+    settings = _settings(config)
+    configure_logging(settings.log.level, settings.log.format)
+    runtime = build_runtime(settings)
+    runtime.announce_admin_key = _announce_admin_key
+    application = create_app(runtime)
+
+    server_host = host or settings.server.host
+    server_port = settings.server.port if port is None else port
+    typer.echo(f"Headrace {__version__} listening on http://{server_host}:{server_port}", err=True)
+    uvicorn.run(
+        application,
+        host=server_host,
+        port=server_port,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=int(settings.server.graceful_shutdown_s),
+        server_header=False,
+    )
+
+
+@app.command()
+def doctor(config: ConfigOption = None) -> None:
+    """Check the configuration, local models and every dependency; exit 1 if any fails."""
+    from headrace.doctor import run_doctor
+
+    settings = _settings(config)
+    ok = asyncio.run(run_doctor(settings, typer.echo))
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def version() -> None:
+    """Print Headrace's version."""
+    typer.echo(__version__)
+
+
+def _register_mock_upstream() -> None:
+    from headrace.mock_upstream.command import mock_upstream_command
+
+    app.command(
+        "mock-upstream",
+        help="Run a fast OpenAI-compatible mock upstream with fault injection.",
+    )(mock_upstream_command)
+
+
+_register_mock_upstream()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""The request pipeline shared by synchronous requests and job workers."""

@@ -1,0 +1,147 @@
+"""Bearer API keys: hashing, lookup with a short in-process cache, and the first admin key.
+
+Secrets look like ``hr_<43 url-safe characters>`` (256 bits). Only their SHA-256 is stored;
+a lookup hashes the presented secret and compares digests in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from headrace.domain import ApiKey, Principal, Role
+from headrace.errors import AuthenticationError
+from headrace.store.base import KeyStore
+
+SECRET_PREFIX = "hr_"
+ADMIN_KEY_FILE = "admin-key"
+ENV_ADMIN_KEY_ID = "admin-env"
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def new_key(secret: str, *, role: Role, name: str, key_id: str | None = None) -> ApiKey:
+    return ApiKey(
+        id=key_id or f"key_{uuid.uuid4().hex[:16]}",
+        prefix=secret[:8],
+        secret_hash=hash_secret(secret),
+        role=role,
+        name=name,
+        created_at=time.time(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    principal: Principal | None
+    expires_at: float
+
+
+ANONYMOUS = Principal(key_id="anonymous", role=Role.ADMIN)
+
+
+class Authenticator:
+    """Turns an ``Authorization`` header into a :class:`Principal` or raises 401.
+
+    Lookups are cached for ``cache_ttl_s`` (misses too, so a flood of bad keys does not reach
+    the store); :meth:`forget` drops an entry at once, as revoking a key does.
+    """
+
+    def __init__(
+        self,
+        store: KeyStore,
+        *,
+        enabled: bool = True,
+        cache_ttl_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._enabled = enabled
+        self._ttl = cache_ttl_s
+        self._clock = clock
+        self._cache: dict[str, _Cached] = {}
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        if not self._enabled:
+            return ANONYMOUS
+        if not authorization:
+            raise AuthenticationError(
+                "Missing API key. Send it as 'Authorization: Bearer <key>'; the admin key "
+                "is printed on first start and saved in the data directory."
+            )
+        scheme, _, secret = authorization.partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
+            raise AuthenticationError("Malformed Authorization header; use 'Bearer <key>'.")
+        digest = hash_secret(secret)
+        now = self._clock()
+        cached = self._cache.get(digest)
+        if cached is None or cached.expires_at <= now:
+            key = await self._store.get_by_hash(digest)
+            principal = None
+            if key is not None and not key.revoked and hmac.compare_digest(
+                key.secret_hash, digest
+            ):
+                principal = Principal(
+                    key_id=key.id,
+                    role=key.role,
+                    team_id=key.team_id,
+                    allowed_models=key.allowed_models,
+                )
+            cached = _Cached(principal, now + self._ttl)
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[digest] = cached
+        if cached.principal is None:
+            raise AuthenticationError(
+                f"Incorrect API key provided: {secret[:6]}****. Check the key, or create "
+                "one with the admin key."
+            )
+        return cached.principal
+
+    def forget(self) -> None:
+        """Drop every cached lookup (after a revoke or key change)."""
+        self._cache.clear()
+
+
+async def ensure_admin_key(store: KeyStore, data_dir: Path, fixed_secret: str | None) -> str | None:
+    """Make sure an admin key exists; return a newly generated secret to show once, else None.
+
+    With ``fixed_secret`` (``HEADRACE_ADMIN_KEY``) that secret is the admin key. Otherwise the
+    first start generates one, stores its hash, and writes the secret to
+    ``data_dir/admin-key`` readable only by the owner.
+    """
+    if fixed_secret:
+        await store.put(
+            new_key(fixed_secret, role=Role.ADMIN, name="admin (HEADRACE_ADMIN_KEY)",
+                    key_id=ENV_ADMIN_KEY_ID)
+        )
+        return None
+    existing = [
+        k for k in await store.list_keys()
+        if k.role is Role.ADMIN and not k.revoked and k.id != ENV_ADMIN_KEY_ID
+    ]
+    if existing:
+        return None
+    secret = new_secret()
+    await store.put(new_key(secret, role=Role.ADMIN, name="admin (generated)"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / ADMIN_KEY_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(secret + "\n")
+    os.chmod(path, 0o600)
+    return secret

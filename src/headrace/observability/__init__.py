@@ -1,0 +1,1 @@
+"""Metrics (Prometheus, OpenTelemetry GenAI names) and structured logs."""

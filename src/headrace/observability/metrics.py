@@ -1,0 +1,73 @@
+"""Prometheus metrics, one registry per application (no module-level state).
+
+Names follow the OpenTelemetry GenAI semantic conventions where one exists
+(``gen_ai_client_token_usage``, ``gen_ai_client_operation_duration_seconds``,
+``gen_ai_server_time_to_first_token_seconds``) and ``headrace_*`` otherwise.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Overhead is sub-millisecond when healthy; resolve it finely.
+_OVERHEAD_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.1,
+)
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+_DURATION_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    """Every metric the gateway exports. Build one per app; tests read ``registry``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "headrace_requests", "HTTP requests answered.", ["route", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "headrace_request_duration_seconds",
+            "Wall time from request start to the last byte sent.",
+            ["route"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "headrace_overhead_seconds",
+            "Gateway time minus upstream time, per request.",
+            ["stage"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.active = Gauge(
+            "headrace_active_requests", "Requests being served now.", registry=r
+        )
+        self.tokens = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens per request by type (input, output).",
+            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.operation_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "Upstream call duration.",
+            ["gen_ai_operation_name", "gen_ai_request_model", "error_type"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time from request start to the first streamed chunk.",
+            ["gen_ai_request_model"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Which deployment serves a request: the model catalog now, balancing and fallbacks later."""

@@ -1,0 +1,1 @@
+"""Durable state: API keys now; usage, jobs, batches and files as later issues add them."""

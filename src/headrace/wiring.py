@@ -1,0 +1,145 @@
+"""Composition: the only place that reads :class:`~headrace.config.Settings` and builds backends.
+
+:func:`build_runtime` turns settings into a :class:`Runtime` (services plus what must be
+started and stopped); the API and the CLI take it from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from headrace.config import DeploymentConfig, ModelConfig, Settings
+from headrace.domain import Deployment, ModelRoute, Timeouts
+from headrace.gateway.auth import Authenticator, ensure_admin_key
+from headrace.gateway.service import GatewayService
+from headrace.observability.metrics import Metrics
+from headrace.providers import registry
+from headrace.providers.base import Provider
+from headrace.providers.http import SessionPool
+from headrace.routing.catalog import Catalog
+from headrace.store.base import KeyStore
+from headrace.store.sql import SqlKeyStore
+
+log = structlog.get_logger("headrace")
+
+Check = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpOptions:
+    """What the HTTP edge needs to know from settings."""
+
+    max_body_bytes: int
+    access_log: bool
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Everything a running gateway process holds. Start once, stop once."""
+
+    gateway: GatewayService
+    authenticator: Authenticator
+    metrics: Metrics
+    keys: KeyStore
+    providers: Mapping[str, Provider]
+    http: SessionPool
+    http_options: HttpOptions
+    data_dir: Path
+    admin_secret: str | None
+    new_admin_secret: str | None = None
+    readiness: dict[str, Check] = field(default_factory=dict)
+    started_at: int = field(default_factory=lambda: int(time.time()))
+    announce_admin_key: Callable[[str, Path], None] | None = None
+
+    async def start(self) -> None:
+        await self.keys.start()
+        self.new_admin_secret = await ensure_admin_key(
+            self.keys, self.data_dir, self.admin_secret
+        )
+        if self.new_admin_secret and self.announce_admin_key:
+            self.announce_admin_key(self.new_admin_secret, self.data_dir)
+
+    async def stop(self) -> None:
+        await asyncio.gather(
+            *(provider.aclose() for provider in self.providers.values()),
+            return_exceptions=True,
+        )
+        await self.http.aclose()
+        await self.keys.aclose()
+
+
+def _deployment(model: ModelConfig, index: int, config: DeploymentConfig) -> Deployment:
+    api_key = None
+    if config.api_key_env:
+        api_key = os.environ.get(config.api_key_env)
+        if api_key is None:
+            log.warning(
+                "upstream_api_key_missing",
+                model=model.name,
+                env=config.api_key_env,
+                hint="set this environment variable or remove api_key_env",
+            )
+    t = config.timeouts
+    return Deployment(
+        name=config.name or f"{model.name}/{index}",
+        kind=config.provider,
+        model=config.model,
+        base_url=config.base_url,
+        api_key=api_key,
+        timeouts=Timeouts(connect_s=t.connect_s, first_token_s=t.first_token_s, total_s=t.total_s),
+        options=dict(config.options),
+    )
+
+
+def build_routes(settings: Settings) -> list[ModelRoute]:
+    return [
+        ModelRoute(
+            name=model.name,
+            deployments=[_deployment(model, i, d) for i, d in enumerate(model.deployments)],
+            capabilities=frozenset(model.capabilities),
+        )
+        for model in settings.models
+    ]
+
+
+def build_runtime(settings: Settings, *, key_store: KeyStore | None = None) -> Runtime:
+    """Build every service from ``settings``. Nothing is started or connected yet."""
+    routes = build_routes(settings)
+    http = SessionPool()
+    context = registry.ProviderContext(http=http)
+    providers: dict[str, Provider] = {}
+    for route in routes:
+        for deployment in route.deployments:
+            if deployment.name in providers:
+                raise ValueError(f"deployment name {deployment.name!r} is used twice")
+            providers[deployment.name] = registry.build(deployment, context)
+    metrics = Metrics()
+    keys = key_store or SqlKeyStore(settings.resolved_database_url)
+    authenticator = Authenticator(
+        keys, enabled=settings.auth.enabled, cache_ttl_s=settings.auth.key_cache_ttl_s
+    )
+    readiness: dict[str, Check] = {"store": keys.check}
+    for name, provider in providers.items():
+        readiness[f"deployment:{name}"] = provider.check
+    return Runtime(
+        gateway=GatewayService(Catalog(routes), providers, metrics),
+        authenticator=authenticator,
+        metrics=metrics,
+        keys=keys,
+        providers=providers,
+        http=http,
+        http_options=HttpOptions(
+            max_body_bytes=settings.server.max_body_bytes,
+            access_log=settings.log.access_log,
+        ),
+        data_dir=settings.data_dir,
+        admin_secret=settings.admin_key.get_secret_value() if settings.admin_key else None,
+        readiness=readiness,
+    )
