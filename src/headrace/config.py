@@ -23,6 +23,10 @@ from pydantic_settings import (
 )
 
 
+Capability = Literal["chat", "embeddings"]
+_CHAT: Capability = "chat"
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message says where and how to fix it."""
 
@@ -56,7 +60,7 @@ class ModelConfig(_Strict):
 
     name: str
     deployments: list[DeploymentConfig] = Field(min_length=1)
-    capabilities: list[Literal["chat", "embeddings"]] = Field(default_factory=lambda: ["chat"])
+    capabilities: list[Capability] = Field(default_factory=lambda: [_CHAT])
 
 
 class ServerConfig(_Strict):

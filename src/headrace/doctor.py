@@ -1,4 +1,4 @@
-"""``headrace doctor``: is this installation able to serve? Checks each part and says how to fix it."""
+"""``headrace doctor``: can this installation serve? Checks each part and says how to fix it."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ async def run_doctor(settings: Settings, echo: Echo) -> bool:
         for name, check in runtime.readiness.items():
             try:
                 await check()
-            except Exception as exc:  # noqa: BLE001 - report every failure, keep checking
+            except Exception as exc:
                 ok = False
                 detail = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
                 echo(f"{name}: FAILED - {detail}")

@@ -60,9 +60,7 @@ class Runtime:
 
     async def start(self) -> None:
         await self.keys.start()
-        self.new_admin_secret = await ensure_admin_key(
-            self.keys, self.data_dir, self.admin_secret
-        )
+        self.new_admin_secret = await ensure_admin_key(self.keys, self.data_dir, self.admin_secret)
         if self.new_admin_secret and self.announce_admin_key:
             self.announce_admin_key(self.new_admin_secret, self.data_dir)
 

@@ -1,4 +1,4 @@
-"""One place that renders every error in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+"""One place renders every error in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
 
 from __future__ import annotations
 
@@ -55,8 +55,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     log.error("unhandled_error", request_id=request_id, exc_info=exc)
     return error_response(
         HeadraceError(
-            f"Headrace hit an internal error (request id {request_id}); "
-            "the logs have the details."
+            f"Headrace hit an internal error (request id {request_id}); the logs have the details."
         )
     )
 

@@ -77,9 +77,7 @@ def _invalid(exc: ValidationError) -> ValidationFailedError:
 
 def _object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
-        raise InvalidRequestError(
-            "The request body must be a JSON object.", code="invalid_json"
-        )
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
     return body
 
 

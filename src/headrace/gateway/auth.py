@@ -20,7 +20,7 @@ from headrace.domain import ApiKey, Principal, Role
 from headrace.errors import AuthenticationError
 from headrace.store.base import KeyStore
 
-SECRET_PREFIX = "hr_"
+SECRET_PREFIX = "hr_"  # noqa: S105 - a visible prefix, not a secret
 ADMIN_KEY_FILE = "admin-key"
 ENV_ADMIN_KEY_ID = "admin-env"
 
@@ -92,9 +92,7 @@ class Authenticator:
         if cached is None or cached.expires_at <= now:
             key = await self._store.get_by_hash(digest)
             principal = None
-            if key is not None and not key.revoked and hmac.compare_digest(
-                key.secret_hash, digest
-            ):
+            if key is not None and not key.revoked and hmac.compare_digest(key.secret_hash, digest):
                 principal = Principal(
                     key_id=key.id,
                     role=key.role,
@@ -117,6 +115,14 @@ class Authenticator:
         self._cache.clear()
 
 
+def _write_owner_only(path: Path, secret: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(secret + "\n")
+    os.chmod(path, 0o600)  # O_CREAT's mode does not apply to an existing file
+
+
 async def ensure_admin_key(store: KeyStore, data_dir: Path, fixed_secret: str | None) -> str | None:
     """Make sure an admin key exists; return a newly generated secret to show once, else None.
 
@@ -126,22 +132,22 @@ async def ensure_admin_key(store: KeyStore, data_dir: Path, fixed_secret: str | 
     """
     if fixed_secret:
         await store.put(
-            new_key(fixed_secret, role=Role.ADMIN, name="admin (HEADRACE_ADMIN_KEY)",
-                    key_id=ENV_ADMIN_KEY_ID)
+            new_key(
+                fixed_secret,
+                role=Role.ADMIN,
+                name="admin (HEADRACE_ADMIN_KEY)",
+                key_id=ENV_ADMIN_KEY_ID,
+            )
         )
         return None
     existing = [
-        k for k in await store.list_keys()
+        k
+        for k in await store.list_keys()
         if k.role is Role.ADMIN and not k.revoked and k.id != ENV_ADMIN_KEY_ID
     ]
     if existing:
         return None
     secret = new_secret()
     await store.put(new_key(secret, role=Role.ADMIN, name="admin (generated)"))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / ADMIN_KEY_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(secret + "\n")
-    os.chmod(path, 0o600)
+    _write_owner_only(data_dir / ADMIN_KEY_FILE, secret)
     return secret

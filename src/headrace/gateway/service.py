@@ -79,9 +79,7 @@ class GatewayService:
         if usage.prompt_tokens:
             self._metrics.tokens.labels(operation, model, "input").observe(usage.prompt_tokens)
         if usage.completion_tokens:
-            self._metrics.tokens.labels(operation, model, "output").observe(
-                usage.completion_tokens
-            )
+            self._metrics.tokens.labels(operation, model, "output").observe(usage.completion_tokens)
 
     async def chat(self, call: Call, request: ChatRequest) -> ChatResponse:
         provider = self._select(call, request.model, "chat")

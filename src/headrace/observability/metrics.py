@@ -11,11 +11,36 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 # Overhead is sub-millisecond when healthy; resolve it finely.
 _OVERHEAD_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.1,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.005,
+    0.01,
+    0.025,
+    0.1,
 )
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 _DURATION_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
 )
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -44,9 +69,7 @@ class Metrics:
             buckets=_OVERHEAD_BUCKETS,
             registry=r,
         )
-        self.active = Gauge(
-            "headrace_active_requests", "Requests being served now.", registry=r
-        )
+        self.active = Gauge("headrace_active_requests", "Requests being served now.", registry=r)
         self.tokens = Histogram(
             "gen_ai_client_token_usage",
             "Tokens per request by type (input, output).",

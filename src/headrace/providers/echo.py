@@ -29,9 +29,7 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(
-            str(part.get("text", "")) for part in content if isinstance(part, Mapping)
-        )
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, Mapping))
     return ""
 
 
@@ -51,9 +49,7 @@ class EchoProvider:
         return self._deployment
 
     def _answer(self, request: ChatRequest) -> tuple[str, Usage]:
-        last_user = next(
-            (m for m in reversed(request.messages) if m.get("role") == "user"), None
-        )
+        last_user = next((m for m in reversed(request.messages) if m.get("role") == "user"), None)
         text = self._prefix + (_text_of(last_user.get("content")) if last_user else "")
         prompt = sum(_words(_text_of(m.get("content"))) for m in request.messages)
         return text, Usage(prompt_tokens=prompt, completion_tokens=_words(text))
@@ -89,16 +85,26 @@ class EchoProvider:
             "model": self._deployment.model,
         }
         yield ChatChunk(
-            {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                  "finish_reason": None}]}
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None,
+                    }
+                ],
+            }
         )
         for i, word in enumerate(text.split(" ")):
             if self._delay_s:
                 await asyncio.sleep(self._delay_s)
             piece = word if i == 0 else " " + word
             yield ChatChunk(
-                {**base, "choices": [{"index": 0, "delta": {"content": piece},
-                                      "finish_reason": None}]}
+                {
+                    **base,
+                    "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+                }
             )
         yield ChatChunk({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         yield ChatChunk({**base, "choices": [], "usage": usage.to_openai()}, usage=usage)

@@ -81,9 +81,7 @@ class OpenAICompatibleProvider:
             self._headers["Authorization"] = f"Bearer {deployment.api_key}"
         t = deployment.timeouts
         self._timeout = aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s)
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=t.total_s, sock_connect=t.connect_s
-        )
+        self._stream_timeout = aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s)
 
     @property
     def deployment(self) -> Deployment:
@@ -166,7 +164,7 @@ class OpenAICompatibleProvider:
                 raw = await response.read()
         except UpstreamError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             self._transport_error(exc)
         try:
             parsed = orjson.loads(raw)
@@ -212,12 +210,12 @@ class OpenAICompatibleProvider:
                     if chunk is _END:
                         done = True
                         break
-                    if chunk is not None:
+                    if isinstance(chunk, ChatChunk):
                         yield chunk
                     line = await anext(lines, b"")
         except UpstreamError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             self._transport_error(exc)
         if not done:
             raise UpstreamStatusError(
@@ -225,7 +223,7 @@ class OpenAICompatibleProvider:
                 deployment=self._deployment.name,
             )
 
-    def _parse_event(self, line: bytes) -> ChatChunk | None | object:
+    def _parse_event(self, line: bytes) -> ChatChunk | object | None:
         """One SSE line → a chunk, ``None`` (comments, blank lines, other fields) or _END."""
         if not line.startswith(_DATA):
             return None
@@ -279,7 +277,7 @@ class OpenAICompatibleProvider:
                     )
         except UpstreamError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             self._transport_error(exc)
 
     async def aclose(self) -> None:
