@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import orjson
 
 __all__ = [
+    "DONE_EVENT",
+    "MALFORMED_EVENT",
+    "MAX_DIMENSIONS",
     "ChatAnswer",
     "EmbeddingAnswer",
     "error_body",

@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 from headrace.domain import (
     ChatChunk,
@@ -72,16 +72,24 @@ _HOW_TO_FIX = (
 )
 
 
+class _Sampling(TypedDict):
+    """Keyword arguments of ``Llama.generate``."""
+
+    temp: float
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+
+
 @dataclass(frozen=True, slots=True)
 class _Job:
     """One request's generation settings, read from the body on the event loop."""
 
     messages: list[dict[str, str]]
     max_tokens: int | None
-    temperature: float
-    top_p: float
-    presence_penalty: float
-    frequency_penalty: float
+    sampling: _Sampling
     stop: tuple[str, ...]
     seed: int | None
     response_format: Mapping[str, Any] | None
@@ -102,11 +110,11 @@ class _Model:
     ends_generation: Callable[[int], bool]  # end-of-generation tokens: EOS, EOT, ...
 
 
+@dataclass(slots=True)
 class _Slot:
-    """One model instance; only the thread holding the slot touches it."""
+    """One model instance, loaded on first use; only the thread holding the slot touches it."""
 
-    def __init__(self) -> None:
-        self.model: _Model | None = None
+    model: _Model | None = None
 
 
 class _TextStream:
@@ -314,11 +322,7 @@ class LlamaCppProvider:
             stop_token_ids=[llama.token_eos()],
         )
         vocab = llama_cpp.llama_model_get_vocab(llama.model)
-        if vocab is None:
-            raise UpstreamUnavailableError(
-                f"{path} has no vocabulary; is it a complete GGUF?",
-                deployment=self._deployment.name,
-            )
+        assert vocab is not None  # a loaded model has one
         slot.model = _Model(
             llama=llama,
             formatter=formatter,
@@ -352,10 +356,14 @@ class LlamaCppProvider:
                 for m in request.messages
             ],
             max_tokens=max_tokens,
-            temperature=_number(body, "temperature", 0.2),
-            top_p=_number(body, "top_p", 0.95),
-            presence_penalty=_number(body, "presence_penalty", 0.0),
-            frequency_penalty=_number(body, "frequency_penalty", 0.0),
+            sampling=_Sampling(
+                temp=_number(body, "temperature", 0.2),
+                top_p=_number(body, "top_p", 0.95),
+                min_p=0.05,
+                repeat_penalty=1.0,
+                presence_penalty=_number(body, "presence_penalty", 0.0),
+                frequency_penalty=_number(body, "frequency_penalty", 0.0),
+            ),
             stop=stops,
             seed=seed if isinstance(seed, int) else None,
             response_format=response_format if isinstance(response_format, Mapping) else None,
@@ -426,18 +434,15 @@ class LlamaCppProvider:
         )
         llama.set_seed(job.seed if job.seed is not None else secrets.randbits(32))
         parts: list[str] = []
+
+        def send(piece: str) -> None:
+            parts.append(piece)
+            if emit is not None and piece:
+                emit(piece)
+
         generated, finish_reason = 0, "length"
-        for token in llama.generate(
-            prompt,
-            temp=job.temperature,
-            top_p=job.top_p,
-            top_k=40,
-            min_p=0.05,
-            repeat_penalty=1.0,
-            presence_penalty=job.presence_penalty,
-            frequency_penalty=job.frequency_penalty,
-            grammar=self._grammar(job.response_format),
-        ):
+        grammar = self._grammar(job.response_format)
+        for token in llama.generate(prompt, top_k=40, grammar=grammar, **job.sampling):
             if cancel.is_set():
                 break
             if time.monotonic() > job.deadline:
@@ -448,20 +453,15 @@ class LlamaCppProvider:
             if model.ends_generation(token):
                 finish_reason = "stop"
                 break
-            generated += 1
-            parts.append(stream.feed(llama.detokenize([token])))
+            generated += 1  # one per sampled token: the completion_tokens of usage
+            send(stream.feed(llama.detokenize([token])))
             if stream.stopped:
                 finish_reason = "stop"
-            elif generated >= limit:
-                finish_reason = "length"
-            if emit is not None and parts[-1]:
-                emit(parts[-1])
-            if stream.stopped or generated >= limit:
+                break
+            if generated >= limit:
                 break
         if not stream.stopped:
-            parts.append(stream.feed(b"", final=True))
-            if emit is not None and parts[-1]:
-                emit(parts[-1])
+            send(stream.feed(b"", final=True))
         usage = Usage(prompt_tokens=len(prompt), completion_tokens=generated)
         return _Outcome(text="".join(parts), finish_reason=finish_reason, usage=usage)
 
