@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
 import math
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -112,13 +112,15 @@ class MockStats:
 
     ``endpoints`` counts every ``/v1`` request by path, whatever its outcome; ``faults``
     counts injected faults by status (``"429"``) or kind (``"hang"``); ``rejected``
-    counts 400s for bad bodies and 401s for a wrong key.
+    counts 400s for bad bodies and 401s for a wrong key; ``client_disconnects`` counts
+    streams the client abandoned before the end (how tests see a gateway cancel upstream).
     """
 
     endpoints: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     streams: int = 0
     rejected: int = 0
+    client_disconnects: int = 0
     in_flight: int = 0
 
     def snapshot(self) -> dict[str, object]:
@@ -129,6 +131,7 @@ class MockStats:
             "streams": self.streams,
             "faults": dict(self.faults),
             "rejected": self.rejected,
+            "client_disconnects": self.client_disconnects,
             "in_flight": self.in_flight,
         }
 
@@ -137,6 +140,7 @@ class MockStats:
         self.faults.clear()
         self.streams = 0
         self.rejected = 0
+        self.client_disconnects = 0
 
 
 class MockUpstream:
@@ -351,7 +355,8 @@ class MockUpstream:
             else:
                 await response.write_eof()
         except ConnectionResetError:
-            pass  # the client went away mid-stream; nothing is left to tell it
+            # The client went away mid-stream; nothing is left to tell it.
+            self.stats.client_disconnects += 1
         return response
 
 
@@ -370,7 +375,8 @@ def build_app(
     ``seed`` seeds the generator behind every fault decision (``None``: unpredictable).
     The :class:`MockUpstream` is at ``app[MOCK_UPSTREAM]``.
     """
-    mock = MockUpstream(faults or FaultConfig(), options or ServerOptions(), random.Random(seed))
+    rng = random.Random(seed)  # noqa: S311 - it picks faults, not secrets
+    mock = MockUpstream(faults or FaultConfig(), options or ServerOptions(), rng)
     app = web.Application(client_max_size=_MAX_BODY_BYTES)
     app[MOCK_UPSTREAM] = mock
     router = app.router
@@ -409,9 +415,15 @@ async def serve(
 
 async def _hang(request: web.Request) -> web.StreamResponse:
     """Answer nothing until the client closes the connection (or the server stops)."""
-    while (transport := request.transport) is not None and not transport.is_closing():
+    # ASYNC110: polling, because aiohttp gives handlers no event for a lost connection.
+    while _connected(request):  # noqa: ASYNC110
         await asyncio.sleep(_HANG_POLL_S)
     return web.Response(status=499)  # nobody is left to read it
+
+
+def _connected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
 
 
 def _abort(request: web.Request) -> None:

@@ -120,7 +120,9 @@ class FaultConfig:
         return out
 
     @classmethod
-    def from_json(cls, data: Mapping[str, object], *, base: FaultConfig | None = None) -> FaultConfig:
+    def from_json(
+        cls, data: Mapping[str, object], *, base: FaultConfig | None = None
+    ) -> FaultConfig:
         """Read the fields in ``data`` over ``base`` (defaults if ``None``).
 
         Keys are the field names; the CLI spelling (``error-rate``) is accepted too.
@@ -137,6 +139,7 @@ class FaultConfig:
                     f"unknown fault setting {raw_key!r}; known settings: {', '.join(sorted(known))}"
                 )
             changes[key] = _coerce(key, value)
+        # _coerce checked each value against its field; mypy cannot follow that.
         return replace(base if base is not None else cls(), **changes)  # type: ignore[arg-type]
 
 
@@ -175,23 +178,21 @@ def decide(
     latency_s = latency_ms / 1000.0
     if forced is not None:
         return Decision(forced[0], forced[1], latency_s)
-    threshold = config.error_rate + config.hang_rate + config.cut_rate + config.malformed_rate
-    if threshold <= 0:
+    if config.error_rate + config.hang_rate + config.cut_rate + config.malformed_rate <= 0:
         return Decision(FaultKind.NONE, 0, latency_s)
     u = rng.random()
-    if u >= threshold:
-        return Decision(FaultKind.NONE, 0, latency_s)
-    if u < config.error_rate:
-        statuses = [status for status, _ in config.error_statuses]
-        weights = [weight for _, weight in config.error_statuses]
-        return Decision(FaultKind.ERROR, rng.choices(statuses, weights)[0], latency_s)
-    u -= config.error_rate
-    if u < config.hang_rate:
-        return Decision(FaultKind.HANG, 0, latency_s)
-    u -= config.hang_rate
-    if u < config.cut_rate:
-        return Decision(FaultKind.CUT, 0, latency_s)
-    return Decision(FaultKind.MALFORMED, 0, latency_s)
+    for rate, kind in (
+        (config.error_rate, FaultKind.ERROR),
+        (config.hang_rate, FaultKind.HANG),
+        (config.cut_rate, FaultKind.CUT),
+        (config.malformed_rate, FaultKind.MALFORMED),
+    ):
+        if u < rate:
+            return Decision(
+                kind, _draw_status(config, rng) if kind is FaultKind.ERROR else 0, latency_s
+            )
+        u -= rate
+    return Decision(FaultKind.NONE, 0, latency_s)
 
 
 def parse_fault_header(value: str) -> tuple[FaultKind, int]:
@@ -238,6 +239,12 @@ def format_statuses(pairs: tuple[tuple[int, float], ...]) -> str:
     if len({weight for _, weight in pairs}) <= 1:
         return ",".join(str(status) for status, _ in pairs)
     return ",".join(f"{status}:{weight:g}" for status, weight in pairs)
+
+
+def _draw_status(config: FaultConfig, rng: random.Random) -> int:
+    statuses = [status for status, _ in config.error_statuses]
+    weights = [weight for _, weight in config.error_statuses]
+    return rng.choices(statuses, weights)[0]
 
 
 def _draw_latency_ms(config: FaultConfig, rng: random.Random) -> float:

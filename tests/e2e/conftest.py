@@ -1,0 +1,139 @@
+"""Real processes on real sockets: ``headrace mock-upstream`` and ``headrace serve``.
+
+Both run once per test session (the local chat model takes a second to load); tests talk to
+them with the official ``openai`` SDK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ADMIN_KEY = "hr_e2e-admin-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start(
+    args: list[str], health_url: str, log: Path, env: dict[str, str] | None = None
+) -> Server:
+    """Start ``python -m headrace ARGS`` and wait until ``health_url`` answers 200."""
+    with log.open("wb") as handle:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "headrace", *args],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    server = Server(process, health_url.rsplit("/", 2)[0], log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"headrace {args[0]} exited early:\n{server.output()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(health_url, timeout=1).status_code == 200:
+                return server
+        time.sleep(0.1)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"headrace {args[0]} did not become healthy:\n{server.output()}")
+
+
+@pytest.fixture(scope="session")
+def mock_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("mock") / "mock.log"
+    server = start(
+        ["mock-upstream", "--port", str(port), "--seed", "7"],
+        f"http://127.0.0.1:{port}/health",
+        log,
+    )
+    server.url = f"http://127.0.0.1:{port}"
+    yield server
+    server.stop()
+
+
+def gateway_config(mock_url: str) -> str:
+    return f"""
+log:
+  format: json
+models:
+  - name: mock-model
+    deployments:
+      - provider: openai_compatible
+        model: mock-model
+        base_url: {mock_url}/v1
+        api_key_env: HEADRACE_E2E_UPSTREAM_KEY
+        timeouts: {{connect_s: 2, first_token_s: 3, total_s: 10}}
+  - name: smollm2-135m-instruct
+    deployments:
+      - provider: local
+        model: smollm2-135m-instruct
+        options: {{instances: 1, n_ctx: 2048}}
+  - name: all-minilm-l6-v2
+    capabilities: [embeddings]
+    deployments:
+      - provider: local_embeddings
+        model: all-minilm-l6-v2
+  - name: mock-embed
+    capabilities: [embeddings]
+    deployments:
+      - provider: openai_compatible
+        model: mock-embed
+        base_url: {mock_url}/v1
+"""
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory, mock_upstream: Server) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("gateway")
+    config = root / "headrace.yaml"
+    config.write_text(gateway_config(mock_upstream.url))
+    port = free_port()
+    server = start(
+        ["serve", "--config", str(config), "--port", str(port)],
+        f"http://127.0.0.1:{port}/health/live",
+        root / "serve.log",
+        env={
+            "HEADRACE_ADMIN_KEY": ADMIN_KEY,
+            "HEADRACE_DATA_DIR": str(root / "data"),
+            "HEADRACE_E2E_UPSTREAM_KEY": "sk-upstream-secret-never-shown",
+            "HEADRACE_SERVER__MAX_BODY_BYTES": "65536",
+        },
+    )
+    yield server
+    server.stop()
