@@ -22,7 +22,6 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-
 Capability = Literal["chat", "embeddings"]
 _CHAT: Capability = "chat"
 

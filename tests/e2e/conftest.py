@@ -49,12 +49,10 @@ class Server:
         return self.process.returncode
 
 
-def start(
-    args: list[str], health_url: str, log: Path, env: dict[str, str] | None = None
-) -> Server:
+def start(args: list[str], health_url: str, log: Path, env: dict[str, str] | None = None) -> Server:
     """Start ``python -m headrace ARGS`` and wait until ``health_url`` answers 200."""
     with log.open("wb") as handle:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        process = subprocess.Popen(
             [sys.executable, "-m", "headrace", *args],
             stdout=handle,
             stderr=subprocess.STDOUT,
