@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import orjson
 import openai
 import pytest
 
@@ -209,3 +210,19 @@ async def test_client_disconnect_mid_stream_cancels_the_upstream_call(
                 break
             await asyncio.sleep(0.1)
     assert stats.get("client_disconnects", 0) >= 1, stats
+
+
+def test_unknown_fields_reach_the_upstream_untouched(
+    gateway: Server, mock_upstream: Server
+) -> None:
+    sync_client(gateway).chat.completions.create(
+        model="mock-model",
+        messages=USER,
+        logit_bias={"42": -100},
+        extra_body={"x_vendor_option": {"nested": [1, 2.5, None]}, "top_k": 7},
+    )
+    seen = orjson.loads(httpx.get(f"{mock_upstream.url}/_mock/stats").json()["last_chat_body"])
+    assert seen["x_vendor_option"] == {"nested": [1, 2.5, None]}
+    assert seen["top_k"] == 7
+    assert seen["logit_bias"] == {"42": -100}
+    assert seen["model"] == "mock-model"

@@ -113,7 +113,8 @@ class MockStats:
     ``endpoints`` counts every ``/v1`` request by path, whatever its outcome; ``faults``
     counts injected faults by status (``"429"``) or kind (``"hang"``); ``rejected``
     counts 400s for bad bodies and 401s for a wrong key; ``client_disconnects`` counts
-    streams the client abandoned before the end (how tests see a gateway cancel upstream).
+    streams the client abandoned before the end (how tests see a gateway cancel upstream);
+    ``last_chat_body`` is the last chat request exactly as received (pass-through checks).
     """
 
     endpoints: Counter[str] = field(default_factory=Counter)
@@ -122,6 +123,7 @@ class MockStats:
     rejected: int = 0
     client_disconnects: int = 0
     in_flight: int = 0
+    last_chat_body: bytes = b""
 
     def snapshot(self) -> dict[str, object]:
         """The JSON document ``GET /_mock/stats`` returns."""
@@ -133,6 +135,7 @@ class MockStats:
             "rejected": self.rejected,
             "client_disconnects": self.client_disconnects,
             "in_flight": self.in_flight,
+            "last_chat_body": self.last_chat_body.decode("utf-8", "replace"),
         }
 
     def reset(self) -> None:
@@ -168,7 +171,9 @@ class MockUpstream:
         self.stats.in_flight += 1
         try:
             try:
-                answer = read_chat(orjson.loads(await request.read()), self.options.output_tokens)
+                raw = await request.read()
+                self.stats.last_chat_body = raw
+                answer = read_chat(orjson.loads(raw), self.options.output_tokens)
                 decision = self._decide(request)
             except ValueError as exc:
                 return self._invalid(exc)
