@@ -50,9 +50,7 @@ async def test_chat_stream(gateway: GatewayFactory, include_usage: bool) -> None
     data = events(response.text)
     assert data[-1] == b"[DONE]"
     chunks = [orjson.loads(d) for d in data[:-1]]
-    text = "".join(
-        c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]
-    )
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == "hello there"
     usage_chunks = [c for c in chunks if c.get("usage")]
     if include_usage:
@@ -109,21 +107,49 @@ def assert_openai_error(response: object, status: int, code: str | None = None) 
     [
         (b"{not json", 400, "invalid_json", None),
         (b"[1, 2]", 400, "invalid_json", None),
-        (b'{"messages": [{"role": "user", "content": "x"}]}', 400,
-         "missing_required_parameter", "model"),
+        (
+            b'{"messages": [{"role": "user", "content": "x"}]}',
+            400,
+            "missing_required_parameter",
+            "model",
+        ),
         (b'{"model": "echo", "messages": []}', 400, "invalid_value", "messages"),
-        (b'{"model": "echo", "messages": [{"role": "robot", "content": "x"}]}', 400,
-         "invalid_value", "messages[0].role"),
-        (b'{"model": "echo", "messages": [{"role": "user"}], "temperature": 3}', 400,
-         "invalid_value", "temperature"),
-        (b'{"model": "echo", "messages": [{"role": "user"}], "max_tokens": 0}', 400,
-         "invalid_value", "max_tokens"),
-        (b'{"model": "echo", "messages": [{"role": "user"}], "stream": "yes"}', 400,
-         "invalid_value", "stream"),
-        (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}', 404,
-         "model_not_found", "model"),
-        (b'{"model": "echo-embed", "messages": [{"role": "user", "content": "x"}]}', 400,
-         "model_not_supported", "model"),
+        (
+            b'{"model": "echo", "messages": [{"role": "robot", "content": "x"}]}',
+            400,
+            "invalid_value",
+            "messages[0].role",
+        ),
+        (
+            b'{"model": "echo", "messages": [{"role": "user"}], "temperature": 3}',
+            400,
+            "invalid_value",
+            "temperature",
+        ),
+        (
+            b'{"model": "echo", "messages": [{"role": "user"}], "max_tokens": 0}',
+            400,
+            "invalid_value",
+            "max_tokens",
+        ),
+        (
+            b'{"model": "echo", "messages": [{"role": "user"}], "stream": "yes"}',
+            400,
+            "invalid_value",
+            "stream",
+        ),
+        (
+            b'{"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "model_not_found",
+            "model",
+        ),
+        (
+            b'{"model": "echo-embed", "messages": [{"role": "user", "content": "x"}]}',
+            400,
+            "model_not_supported",
+            "model",
+        ),
     ],
 )
 async def test_bad_chat_requests(
@@ -161,9 +187,7 @@ async def test_unknown_fields_are_accepted(gateway: GatewayFactory) -> None:
         ({"model": "echo", "input": "x"}, "model"),
     ],
 )
-async def test_bad_embedding_requests(
-    gateway: GatewayFactory, body: dict, param: str
-) -> None:
+async def test_bad_embedding_requests(gateway: GatewayFactory, body: dict, param: str) -> None:
     client, _ = await gateway()
     response = await client.post("/v1/embeddings", json=body, headers=AUTH)
     assert response.status_code == 400

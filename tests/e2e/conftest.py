@@ -56,7 +56,7 @@ def start(args: list[str], health_url: str, log: Path, env: dict[str, str] | Non
             [sys.executable, "-m", "headrace", *args],
             stdout=handle,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env=child_env,
         )
     server = Server(process, health_url.rsplit("/", 2)[0], log)
     deadline = time.monotonic() + 60

@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from headrace import __version__
+from headrace.cli import app
+
+runner = CliRunner()
+
+ECHO_CONFIG = """
+models:
+  - name: echo
+    deployments: [{provider: echo, model: e}]
+"""
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HEADRACE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("HEADRACE_ADMIN_KEY", "hr_cli-test")
+    return tmp_path / "data"
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == __version__
+
+
+def test_doctor_passes_on_a_working_config(tmp_path: Path) -> None:
+    config = tmp_path / "ok.yaml"
+    config.write_text(ECHO_CONFIG)
+    result = runner.invoke(app, ["doctor", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "deployment:echo/0: ok" in result.output
+    assert "all checks passed" in result.output
+
+
+def test_doctor_names_what_fails(tmp_path: Path) -> None:
+    config = tmp_path / "down.yaml"
+    config.write_text(
+        "models:\n  - name: remote\n    deployments:\n"
+        "      - {provider: openai_compatible, model: m, base_url: 'http://127.0.0.1:9/v1'}\n"
+    )
+    result = runner.invoke(app, ["doctor", "--config", str(config)])
+    assert result.exit_code == 1
+    assert "deployment:remote/0: FAILED - Could not connect" in result.output
+
+
+def test_bad_config_exits_2_with_the_reason(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("sever: {port: 1}\n")
+    result = runner.invoke(app, ["serve", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "sever: unknown key" in result.output
