@@ -49,8 +49,19 @@ class Server:
         return self.process.returncode
 
 
-def start(args: list[str], health_url: str, log: Path, env: dict[str, str] | None = None) -> Server:
-    """Start ``python -m headrace ARGS`` and wait until ``health_url`` answers 200."""
+def start(
+    args: list[str],
+    health_url: str,
+    log: Path,
+    env: dict[str, str] | None = None,
+    unset: tuple[str, ...] = (),
+) -> Server:
+    """Start ``python -m headrace ARGS`` and wait until ``health_url`` answers 200.
+
+    The child gets this process's environment plus ``env``, minus the names in ``unset``.
+    """
+    child_env = {k: v for k, v in os.environ.items() if k not in unset}
+    child_env.update(env or {})
     with log.open("wb") as handle:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
             [sys.executable, "-m", "headrace", *args],

