@@ -40,6 +40,31 @@ class TimeoutsConfig(_Strict):
     total_s: float = Field(600.0, gt=0, description="Whole upstream call.")
 
 
+class PriceConfig(_Strict):
+    input_per_mtok_usd: float = Field(0.0, ge=0)
+    output_per_mtok_usd: float = Field(0.0, ge=0)
+
+
+class RetryConfig(_Strict):
+    max_attempts: int = Field(3, ge=1, description="Attempts per model, the first included.")
+    base_delay_s: float = Field(0.05, ge=0)
+    max_delay_s: float = Field(2.0, ge=0)
+    max_total_s: float = Field(30.0, gt=0, description="Give up retrying after this long.")
+
+
+class BreakerConfig(_Strict):
+    failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open it.")
+    failure_ratio: float = Field(0.5, gt=0, le=1)
+    window_s: float = Field(30.0, gt=0)
+    min_requests: int = Field(10, ge=1)
+    cooldown_s: float = Field(15.0, gt=0)
+    half_open_probes: int = Field(1, ge=1)
+
+
+FallbackTrigger = Literal["transient", "context_length", "permanent"]
+_DEFAULT_FALLBACK_ON: tuple[FallbackTrigger, ...] = ("transient", "context_length")
+
+
 class DeploymentConfig(_Strict):
     """One upstream serving a public model."""
 
@@ -51,6 +76,11 @@ class DeploymentConfig(_Strict):
         None, description="Name of the environment variable that holds the upstream API key."
     )
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    weight: float = Field(1.0, gt=0, description="Share of traffic for weighted_random.")
+    max_concurrency: int | None = Field(
+        None, ge=1, description="Requests in flight at once; beyond it the router skips it."
+    )
+    price: PriceConfig | None = Field(None, description="USD per million tokens (cost_first).")
     options: dict[str, Any] = Field(default_factory=dict, description="Provider-specific.")
 
 
@@ -60,6 +90,23 @@ class ModelConfig(_Strict):
     name: str
     deployments: list[DeploymentConfig] = Field(min_length=1)
     capabilities: list[Capability] = Field(default_factory=lambda: [_CHAT])
+    strategy: str = Field(
+        "weighted_random",
+        description="weighted_random, round_robin, least_in_flight, latency_aware, cost_first",
+    )
+    fallbacks: list[str] = Field(default_factory=list, description="Models to try next, in order.")
+    context_window_fallbacks: list[str] = Field(
+        default_factory=list, description="Models with larger windows for too-long prompts."
+    )
+    fallback_on: list[FallbackTrigger] = Field(
+        default_factory=lambda: list(_DEFAULT_FALLBACK_ON),
+        description="Error classes that move on to the fallbacks.",
+    )
+    degraded_answer: str | None = Field(
+        None, description="Static answer, marked degraded, when every upstream failed."
+    )
+    retry: RetryConfig = RetryConfig()
+    breaker: BreakerConfig = BreakerConfig()
 
 
 class ServerConfig(_Strict):
@@ -72,6 +119,23 @@ class ServerConfig(_Strict):
 class AuthConfig(_Strict):
     enabled: bool = True
     key_cache_ttl_s: float = Field(30.0, ge=0)
+
+
+class RetryBudgetConfig(_Strict):
+    ratio: float = Field(0.2, ge=0, description="Retries allowed as a share of requests.")
+    window_s: float = Field(10.0, gt=0)
+    min_per_s: float = Field(1.0, ge=0, description="Retries always allowed per second.")
+
+
+class AdmissionConfig(_Strict):
+    max_concurrent: int = Field(1024, ge=1, description="Model requests served at once.")
+    max_queue: int = Field(2048, ge=0, description="Requests waiting beyond that; then shed.")
+    max_wait_s: float = Field(10.0, gt=0, description="Longest wait in the queue before 503.")
+
+
+class RouterConfig(_Strict):
+    retry_budget: RetryBudgetConfig = RetryBudgetConfig()
+    admission: AdmissionConfig = AdmissionConfig()
 
 
 class LogConfig(_Strict):
@@ -120,6 +184,7 @@ class Settings(BaseSettings):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     log: LogConfig = LogConfig()
+    router: RouterConfig = RouterConfig()
     models: list[ModelConfig] = Field(default_factory=default_models)
 
     @model_validator(mode="after")
@@ -128,6 +193,14 @@ class Settings(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        known = set(names)
+        for model in self.models:
+            for target in [*model.fallbacks, *model.context_window_fallbacks]:
+                if target not in known:
+                    raise ValueError(
+                        f"model {model.name!r} falls back to {target!r}, which is not a "
+                        f"configured model; add it under models or remove it"
+                    )
         return self
 
     @property

@@ -11,6 +11,7 @@ Money is integer micro-dollars; durations are seconds as floats only at the edge
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -119,6 +120,14 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class Price:
+    """What a deployment charges, in integer micro-dollars per million tokens."""
+
+    input_per_mtok: int = 0
+    output_per_mtok: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Deployment:
     """One place a public model is served: a provider kind, an upstream model name, a URL.
 
@@ -134,6 +143,9 @@ class Deployment:
     base_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    weight: float = 1.0
+    max_concurrency: int | None = None
+    price: Price = field(default_factory=Price)
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -145,6 +157,31 @@ class ModelRoute:
     deployments: Sequence[Deployment]
     capabilities: frozenset[str] = frozenset({"chat"})
     owned_by: str = "headrace"
+
+
+class Priority(StrEnum):
+    """Request priority: under pressure, lower priorities are shed first."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """Larger is more important."""
+        return {"high": 2, "normal": 1, "low": 0}[self.value]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestControls:
+    """What the client asked of the gateway itself, through headers.
+
+    ``fallbacks``: ``None`` uses the configured chain; an empty tuple disables fallbacks (and
+    the degraded answer); names narrow the chain to those models.
+    """
+
+    priority: Priority = Priority.NORMAL
+    fallbacks: tuple[str, ...] | None = None
 
 
 class Role(StrEnum):
@@ -184,3 +221,26 @@ class Principal:
     def may_use(self, model: str) -> bool:
         """An empty ``allowed_models`` allows every model."""
         return not self.allowed_models or model in self.allowed_models
+
+
+@dataclass(slots=True)
+class Call:
+    """What one request did, filled in as it goes; the API reads it for headers and logs.
+
+    The one mutable record here: it is owned by a single request.
+
+    ``upstream_ns`` is the time spent waiting on the upstream, so that the gateway's own
+    overhead is wall time minus this.
+    """
+
+    request_id: str
+    principal: Principal | None = None
+    model: str | None = None
+    deployment: str | None = None
+    attempts: int = 0
+    upstream_ns: int = 0
+    first_chunk_ns: int | None = None
+    usage: Usage | None = None
+    controls: RequestControls = field(default_factory=RequestControls)
+    degraded: bool = False
+    started_ns: int = field(default_factory=time.perf_counter_ns)

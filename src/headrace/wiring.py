@@ -16,14 +16,19 @@ from pathlib import Path
 import structlog
 
 from headrace.config import DeploymentConfig, ModelConfig, Settings
-from headrace.domain import Deployment, ModelRoute, Timeouts
+from headrace.domain import Deployment, ModelRoute, Price, Timeouts
+from headrace.gateway.admission import Admission
 from headrace.gateway.auth import Authenticator, ensure_admin_key
 from headrace.gateway.service import GatewayService
 from headrace.observability.metrics import Metrics
 from headrace.providers import registry
 from headrace.providers.base import Provider
 from headrace.providers.http import SessionPool
+from headrace.routing.breaker import BreakerConfig
 from headrace.routing.catalog import Catalog
+from headrace.routing.classify import ErrorClass
+from headrace.routing.retry import RetryBudget, RetryPolicy
+from headrace.routing.router import RoutePolicy, Router
 from headrace.store.base import KeyStore
 from headrace.store.sql import SqlKeyStore
 
@@ -85,6 +90,7 @@ def _deployment(model: ModelConfig, index: int, config: DeploymentConfig) -> Dep
                 hint="set this environment variable or remove api_key_env",
             )
     t = config.timeouts
+    price = config.price
     return Deployment(
         name=config.name or f"{model.name}/{index}",
         kind=config.provider,
@@ -92,7 +98,43 @@ def _deployment(model: ModelConfig, index: int, config: DeploymentConfig) -> Dep
         base_url=config.base_url,
         api_key=api_key,
         timeouts=Timeouts(connect_s=t.connect_s, first_token_s=t.first_token_s, total_s=t.total_s),
+        weight=config.weight,
+        max_concurrency=config.max_concurrency,
+        price=Price(
+            input_per_mtok=_micro_usd(price.input_per_mtok_usd) if price else 0,
+            output_per_mtok=_micro_usd(price.output_per_mtok_usd) if price else 0,
+        ),
         options=dict(config.options),
+    )
+
+
+def _micro_usd(dollars: float) -> int:
+    """Config prices are decimal dollars; money inside is integer micro-dollars."""
+    return round(dollars * 1_000_000)
+
+
+def build_policy(model: ModelConfig) -> RoutePolicy:
+    r, b = model.retry, model.breaker
+    return RoutePolicy(
+        strategy=model.strategy,
+        retry=RetryPolicy(
+            max_attempts=r.max_attempts,
+            base_delay_s=r.base_delay_s,
+            max_delay_s=r.max_delay_s,
+            max_total_s=r.max_total_s,
+        ),
+        breaker=BreakerConfig(
+            failure_threshold=b.failure_threshold,
+            failure_ratio=b.failure_ratio,
+            window_s=b.window_s,
+            min_requests=b.min_requests,
+            cooldown_s=b.cooldown_s,
+            half_open_probes=b.half_open_probes,
+        ),
+        fallbacks=tuple(model.fallbacks),
+        context_fallbacks=tuple(model.context_window_fallbacks),
+        fallback_on=frozenset(ErrorClass(kind) for kind in model.fallback_on),
+        degraded_answer=model.degraded_answer,
     )
 
 
@@ -126,8 +168,26 @@ def build_runtime(settings: Settings, *, key_store: KeyStore | None = None) -> R
     readiness: dict[str, Check] = {"store": keys.check}
     for name, provider in providers.items():
         readiness[f"deployment:{name}"] = provider.check
+    catalog = Catalog(routes)
+    budget = settings.router.retry_budget
+    router = Router(
+        catalog,
+        providers,
+        {model.name: build_policy(model) for model in settings.models},
+        budget=RetryBudget(
+            ratio=budget.ratio, window_s=budget.window_s, min_per_s=budget.min_per_s
+        ),
+        metrics=metrics,
+    )
+    limits = settings.router.admission
+    admission = Admission(
+        max_concurrent=limits.max_concurrent,
+        max_queue=limits.max_queue,
+        max_wait_s=limits.max_wait_s,
+        metrics=metrics,
+    )
     return Runtime(
-        gateway=GatewayService(Catalog(routes), providers, metrics),
+        gateway=GatewayService(catalog, router, admission, metrics),
         authenticator=authenticator,
         metrics=metrics,
         keys=keys,

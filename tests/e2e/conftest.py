@@ -102,6 +102,10 @@ log:
   format: json
 models:
   - name: mock-model
+    # One attempt and a lenient breaker: these tests look at single-call error mapping;
+    # tests/e2e/test_reliability.py covers retries, breakers and fallbacks.
+    retry: {{max_attempts: 1}}
+    breaker: {{failure_threshold: 1000, min_requests: 1000}}
     deployments:
       - provider: openai_compatible
         model: mock-model

@@ -7,9 +7,12 @@ from typing import Any, cast
 import orjson
 from starlette.requests import Request
 
-from headrace.errors import MalformedJsonError
-from headrace.gateway.service import Call
+from headrace.domain import Call, Priority, RequestControls
+from headrace.errors import InvalidRequestError, MalformedJsonError
 from headrace.wiring import Runtime
+
+PRIORITY_HEADER = "x-headrace-priority"
+FALLBACKS_HEADER = "x-headrace-fallbacks"
 
 
 def runtime(request: Request) -> Runtime:
@@ -20,12 +23,38 @@ def call_of(request: Request) -> Call:
     return cast("Call", request.scope["state"]["call"])
 
 
+def controls(request: Request) -> RequestControls:
+    """Read the gateway's request-control headers.
+
+    ``X-Headrace-Priority: high|normal|low``; ``X-Headrace-Fallbacks: none`` disables the
+    fallback chain (and the degraded answer), a comma-separated list of models narrows it.
+    """
+    headers = request.headers
+    priority = Priority.NORMAL
+    raw = headers.get(PRIORITY_HEADER)
+    if raw:
+        try:
+            priority = Priority(raw.strip().lower())
+        except ValueError:
+            raise InvalidRequestError(
+                f"X-Headrace-Priority must be high, normal or low, not {raw!r}.",
+                param="X-Headrace-Priority",
+            ) from None
+    fallbacks: tuple[str, ...] | None = None
+    raw = headers.get(FALLBACKS_HEADER)
+    if raw is not None:
+        names = tuple(n.strip() for n in raw.split(",") if n.strip())
+        fallbacks = () if names in ((), ("none",)) else names
+    return RequestControls(priority=priority, fallbacks=fallbacks)
+
+
 async def authenticated_call(request: Request) -> Call:
-    """The request's :class:`Call` with its principal set; raises 401 without a valid key."""
+    """The request's :class:`Call` with its principal and controls set; 401 without a key."""
     call = call_of(request)
     call.principal = await runtime(request).authenticator.authenticate(
         request.headers.get("authorization")
     )
+    call.controls = controls(request)
     return call
 
 

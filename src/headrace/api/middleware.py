@@ -15,8 +15,8 @@ import orjson
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from headrace.domain import Call
 from headrace.errors import PayloadTooLargeError
-from headrace.gateway.service import Call
 from headrace.observability.metrics import Metrics
 
 log = structlog.get_logger("headrace.access")
@@ -70,6 +70,8 @@ class RequestMiddleware:
                 if call.deployment:
                     headers.append((b"x-headrace-deployment", call.deployment.encode()))
                     headers.append((b"x-headrace-attempts", str(call.attempts).encode()))
+                if call.degraded:
+                    headers.append((b"x-headrace-degraded", b"true"))
             await send(message)
 
         received = 0
@@ -130,6 +132,8 @@ class RequestMiddleware:
                 key_id=call.principal.key_id if call.principal else None,
                 model=call.model,
                 deployment=call.deployment,
+                attempts=call.attempts,
+                degraded=call.degraded,
                 prompt_tokens=usage.prompt_tokens if usage else None,
                 completion_tokens=usage.completion_tokens if usage else None,
             )

@@ -92,5 +92,36 @@ class Metrics:
             registry=r,
         )
 
+        self.breaker_state = Gauge(
+            "headrace_breaker_state",
+            "Circuit breaker per deployment: 0 closed, 1 half-open, 2 open.",
+            ["deployment"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "headrace_upstream_errors",
+            "Failed upstream attempts by deployment and error class.",
+            ["deployment", "error_class"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "headrace_retries",
+            "Retries started, by the deployment that failed.",
+            ["deployment"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "headrace_fallbacks",
+            "Requests moved to a fallback model.",
+            ["model", "fallback"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "headrace_shed", "Requests refused by admission control.", ["priority"], registry=r
+        )
+        self.admission_queue = Gauge(
+            "headrace_admission_queue", "Requests waiting for a serving slot.", registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
