@@ -74,21 +74,28 @@ class ChatRequest:
 
 @dataclass(frozen=True, slots=True)
 class ChatResponse:
-    """A complete (non-streamed) answer: an OpenAI ``chat.completion`` object."""
+    """A complete (non-streamed) answer: an OpenAI ``chat.completion`` object.
+
+    ``exhausted_for_s``: the upstream said (rate-limit headers) that its quota is used up for
+    this many seconds; the router skips the deployment until then.
+    """
 
     body: JsonObject
     usage: Usage
+    exhausted_for_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ChatChunk:
     """One streamed event: an OpenAI ``chat.completion.chunk`` object.
 
-    ``usage`` is set on the final usage-only chunk (OpenAI's ``include_usage`` convention).
+    ``usage`` is set on the final usage-only chunk (OpenAI's ``include_usage`` convention);
+    ``exhausted_for_s`` may be set on the first chunk, as on :class:`ChatResponse`.
     """
 
     body: JsonObject
     usage: Usage | None = None
+    exhausted_for_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +115,7 @@ class EmbeddingResponse:
     vectors: Sequence[Sequence[float]]
     usage: Usage
     model: str
+    exhausted_for_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,12 +4,8 @@ from email.utils import format_datetime
 
 import pytest
 
-from headrace.routing.retry import (
-    RateLimitHints,
-    RetryBudget,
-    RetryPolicy,
-    parse_rate_limit_hints,
-)
+from headrace.providers.hints import RateLimitHints, parse_rate_limit_hints
+from headrace.routing.retry import RetryBudget, RetryPolicy
 
 
 class Clock:

@@ -383,3 +383,30 @@ def test_classification(error: HeadraceError, kind: ErrorClass) -> None:
 
 
 _unused: Callable[..., object] = world  # keep the helper's signature visible to readers
+
+
+async def test_a_deployment_whose_upstream_quota_is_used_up_is_skipped_until_reset() -> None:
+    w = world({"m": ["a", "b"]}, {"m": round_robin()})
+    first = w.router.slots("m")[0].name
+    other = "b" if first == "a" else "a"
+    original = w.providers[first].chat
+
+    async def exhausted(request: ChatRequest) -> ChatResponse:
+        response = await original(request)
+        return ChatResponse(response.body, response.usage, exhausted_for_s=30)
+
+    w.providers[first].chat = exhausted  # type: ignore[method-assign]
+    c = call()
+    await w.router.chat(c, REQUEST)
+    assert c.deployment == first
+    for _ in range(3):
+        c = call()
+        await w.router.chat(c, REQUEST)
+        assert c.deployment == other
+    w.clock.now += 31
+    seen = set()
+    for _ in range(2):
+        c = call()
+        await w.router.chat(c, REQUEST)
+        seen.add(c.deployment)
+    assert seen == {"a", "b"}

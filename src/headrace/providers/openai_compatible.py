@@ -31,27 +31,11 @@ from headrace.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from headrace.providers.hints import parse_rate_limit_hints
 from headrace.providers.registry import ProviderContext
 
 _DATA = b"data:"
 _DONE = b"[DONE]"
-
-
-def _retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Read ``retry-after-ms`` (OpenAI's) or ``Retry-After`` in seconds; dates are ignored."""
-    millis = headers.get("retry-after-ms")
-    if millis:
-        try:
-            return max(0.0, float(millis) / 1000.0)
-        except ValueError:
-            pass
-    seconds = headers.get("Retry-After")
-    if seconds:
-        try:
-            return max(0.0, float(seconds))
-        except ValueError:
-            return None
-    return None
 
 
 def _upstream_message(raw: bytes) -> str:
@@ -96,7 +80,7 @@ class OpenAICompatibleProvider:
         name = self._deployment.name
         detail = _upstream_message(raw)
         status = response.status
-        retry_after = _retry_after_s(response.headers)
+        retry_after = parse_rate_limit_hints(response.headers).retry_after_s
         message = f"Deployment {name!r} answered HTTP {status}: {detail}"
         if status == 429:
             headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else {}
@@ -151,7 +135,10 @@ class OpenAICompatibleProvider:
 
     # -- calls ----------------------------------------------------------------------------
 
-    async def _post_json(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    async def _post_json(
+        self, path: str, body: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], float | None]:
+        """The upstream's JSON object and how long its rate limit is exhausted, if it is."""
         session = self._http.get()
         try:
             async with session.post(
@@ -162,6 +149,7 @@ class OpenAICompatibleProvider:
             ) as response:
                 await self._raise_for_status(response)
                 raw = await response.read()
+                exhausted = parse_rate_limit_hints(response.headers).exhausted_for_s
         except UpstreamError:
             raise
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -172,13 +160,13 @@ class OpenAICompatibleProvider:
             self._invalid_json(exc)
         if not isinstance(parsed, dict):
             self._invalid_json(TypeError("not an object"))
-        return parsed
+        return parsed, exhausted
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
         body = {**request.body, "model": self._deployment.model}
-        answer = await self._post_json("/chat/completions", body)
+        answer, exhausted = await self._post_json("/chat/completions", body)
         usage = Usage.from_openai(answer.get("usage")) or Usage()
-        return ChatResponse(body=answer, usage=usage)
+        return ChatResponse(body=answer, usage=usage, exhausted_for_s=exhausted)
 
     async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         options = request.body.get("stream_options")
@@ -200,6 +188,7 @@ class OpenAICompatibleProvider:
                 timeout=self._stream_timeout,
             ) as response:
                 await self._raise_for_status(response)
+                exhausted = parse_rate_limit_hints(response.headers).exhausted_for_s
                 first_token_s = self._deployment.timeouts.first_token_s
                 lines = response.content.__aiter__()
                 async with asyncio.timeout(first_token_s):
@@ -211,6 +200,9 @@ class OpenAICompatibleProvider:
                         done = True
                         break
                     if isinstance(chunk, ChatChunk):
+                        if exhausted is not None:
+                            chunk = ChatChunk(chunk.body, chunk.usage, exhausted_for_s=exhausted)
+                            exhausted = None
                         yield chunk
                     line = await anext(lines, b"")
         except UpstreamError:
@@ -252,14 +244,16 @@ class OpenAICompatibleProvider:
             "input": list(request.inputs),
             "encoding_format": "float",
         }
-        answer = await self._post_json("/embeddings", body)
+        answer, exhausted = await self._post_json("/embeddings", body)
         try:
             rows = sorted(answer["data"], key=lambda row: row["index"])
             vectors = [row["embedding"] for row in rows]
         except (KeyError, TypeError) as exc:
             self._invalid_json(exc)
         usage = Usage.from_openai(answer.get("usage")) or Usage()
-        return EmbeddingResponse(vectors=vectors, usage=usage, model=self._deployment.model)
+        return EmbeddingResponse(
+            vectors=vectors, usage=usage, model=self._deployment.model, exhausted_for_s=exhausted
+        )
 
     async def check(self) -> None:
         """Ready when ``GET {base_url}/models`` answers below 500 (any auth outcome is fine)."""

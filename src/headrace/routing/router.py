@@ -172,7 +172,7 @@ class Router:
             except HeadraceError as exc:
                 await plan.failed(slot, exc)
                 continue
-            plan.succeeded(slot)
+            plan.succeeded(slot, response.exhausted_for_s)
             return response
         answer = plan.degraded_answer()
         return _degraded_response(request.model, answer)
@@ -185,7 +185,7 @@ class Router:
             except HeadraceError as exc:
                 await plan.failed(slot, exc)
                 continue
-            plan.succeeded(slot)
+            plan.succeeded(slot, response.exhausted_for_s)
             return response
         plan.raise_last()
         raise AssertionError("unreachable")  # pragma: no cover
@@ -206,6 +206,8 @@ class Router:
                 await plan.failed(slot, exc)
                 continue
             # From here on the client sees output: no more retries.
+            if first.exhausted_for_s:
+                slot.breaker.cool_down(first.exhausted_for_s)
             try:
                 yield first
                 async for chunk in chunks:
@@ -399,8 +401,11 @@ class _Plan:
         else:
             self._enqueue(self._router.policy(self._requested).fallbacks)
 
-    def succeeded(self, slot: Slot) -> None:
+    def succeeded(self, slot: Slot, exhausted_for_s: float | None = None) -> None:
         slot.breaker.record_success()
+        if exhausted_for_s:
+            # The upstream's own quota is used up: skip it until it resets.
+            slot.breaker.cool_down(exhausted_for_s)
 
     # The end of the road ------------------------------------------------------------------
 
