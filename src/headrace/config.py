@@ -65,6 +65,14 @@ FallbackTrigger = Literal["transient", "context_length", "permanent"]
 _DEFAULT_FALLBACK_ON: tuple[FallbackTrigger, ...] = ("transient", "context_length")
 
 
+class ModelCacheConfig(_Strict):
+    enabled: bool = True
+    ttl_s: float = Field(3600.0, gt=0)
+    mode: Literal["deterministic", "all"] = Field(
+        "deterministic", description="deterministic: only temperature 0 or seeded requests."
+    )
+
+
 class DeploymentConfig(_Strict):
     """One upstream serving a public model."""
 
@@ -107,6 +115,7 @@ class ModelConfig(_Strict):
     )
     retry: RetryConfig = RetryConfig()
     breaker: BreakerConfig = BreakerConfig()
+    cache: ModelCacheConfig = ModelCacheConfig()
 
 
 class ServerConfig(_Strict):
@@ -136,6 +145,28 @@ class AdmissionConfig(_Strict):
 class RouterConfig(_Strict):
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     admission: AdmissionConfig = AdmissionConfig()
+
+
+class CacheConfig(_Strict):
+    backend: Literal["memory", "redis", "none"] = Field(
+        "memory", description="Where cached responses live; none turns caching off."
+    )
+    max_bytes: int = Field(256 * 2**20, gt=0, description="Memory backend size bound.")
+    redis_url: str | None = Field(None, description="For backend redis: redis://host:6379/0")
+    shared_across_teams: bool = Field(
+        False, description="Let every tenant share entries (off: one namespace per team/key)."
+    )
+    flight_timeout_s: float = Field(
+        30.0, gt=0, description="How long identical requests wait for the first one's answer."
+    )
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> CacheConfig:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError(
+                "cache.backend is redis: set cache.redis_url (or HEADRACE_CACHE__REDIS_URL)"
+            )
+        return self
 
 
 class LogConfig(_Strict):
@@ -185,6 +216,7 @@ class Settings(BaseSettings):
     auth: AuthConfig = AuthConfig()
     log: LogConfig = LogConfig()
     router: RouterConfig = RouterConfig()
+    cache: CacheConfig = CacheConfig()
     models: list[ModelConfig] = Field(default_factory=default_models)
 
     @model_validator(mode="after")

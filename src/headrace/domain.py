@@ -181,6 +181,16 @@ class Priority(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class CacheControl:
+    """The client's ``Cache-Control``: ``no-cache`` skips reading, ``no-store`` skips writing,
+    ``max-age=N`` accepts only entries at most N seconds old."""
+
+    no_cache: bool = False
+    no_store: bool = False
+    max_age_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RequestControls:
     """What the client asked of the gateway itself, through headers.
 
@@ -190,6 +200,7 @@ class RequestControls:
 
     priority: Priority = Priority.NORMAL
     fallbacks: tuple[str, ...] | None = None
+    cache: CacheControl = field(default_factory=CacheControl)
 
 
 class Role(StrEnum):
@@ -251,4 +262,6 @@ class Call:
     usage: Usage | None = None
     controls: RequestControls = field(default_factory=RequestControls)
     degraded: bool = False
+    cache: str | None = None  # "hit", "miss" or "bypass" once the cache has looked
+    similarity: float | None = None  # set on a semantic-cache hit
     started_ns: int = field(default_factory=time.perf_counter_ns)

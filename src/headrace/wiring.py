@@ -15,10 +15,12 @@ from pathlib import Path
 
 import structlog
 
-from headrace.config import DeploymentConfig, ModelConfig, Settings
+from headrace.cache.base import FlightLock, ResponseCache
+from headrace.config import CacheConfig, DeploymentConfig, ModelConfig, Settings
 from headrace.domain import Deployment, ModelRoute, Price, Timeouts
 from headrace.gateway.admission import Admission
 from headrace.gateway.auth import Authenticator, ensure_admin_key
+from headrace.gateway.caching import CachePolicy, ResponseCacher
 from headrace.gateway.service import GatewayService
 from headrace.observability.metrics import Metrics
 from headrace.providers import registry
@@ -60,6 +62,8 @@ class Runtime:
     admin_secret: str | None
     new_admin_secret: str | None = None
     readiness: dict[str, Check] = field(default_factory=dict)
+    optional_checks: frozenset[str] = frozenset()
+    cache: ResponseCache | None = None
     started_at: int = field(default_factory=lambda: int(time.time()))
     announce_admin_key: Callable[[str, Path], None] | None = None
 
@@ -76,6 +80,8 @@ class Runtime:
         )
         await self.http.aclose()
         await self.keys.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
 
 
 def _deployment(model: ModelConfig, index: int, config: DeploymentConfig) -> Deployment:
@@ -138,6 +144,53 @@ def build_policy(model: ModelConfig) -> RoutePolicy:
     )
 
 
+def _memory_cache(config: CacheConfig) -> tuple[ResponseCache, FlightLock | None]:
+    from headrace.cache.memory import MemoryCache
+
+    # One process: in-process single-flight is enough, no cross-process lock.
+    return MemoryCache(config.max_bytes), None
+
+
+def _redis_cache(config: CacheConfig) -> tuple[ResponseCache, FlightLock | None]:
+    from headrace.cache.redis import RedisCache, RedisFlightLock
+
+    assert config.redis_url is not None  # checked by CacheConfig
+    return RedisCache(config.redis_url), RedisFlightLock(config.redis_url)
+
+
+CACHE_BACKENDS: Mapping[str, Callable[[CacheConfig], tuple[ResponseCache, FlightLock | None]]] = {
+    "memory": _memory_cache,
+    "redis": _redis_cache,
+}
+
+
+def build_cacher(
+    settings: Settings, routes: list[ModelRoute], metrics: Metrics
+) -> ResponseCacher | None:
+    config = settings.cache
+    if config.backend == "none":
+        return None
+    cache, lock = CACHE_BACKENDS[config.backend](config)
+    policies = {
+        model.name: CachePolicy(
+            enabled=model.cache.enabled,
+            ttl_s=model.cache.ttl_s,
+            deterministic_only=model.cache.mode == "deterministic",
+        )
+        for model in settings.models
+    }
+    prices = {d.name: d.price for route in routes for d in route.deployments}
+    return ResponseCacher(
+        cache,
+        policies,
+        metrics=metrics,
+        prices=prices,
+        flight_lock=lock,
+        shared_namespace=config.shared_across_teams,
+        flight_timeout_s=config.flight_timeout_s,
+    )
+
+
 def build_routes(settings: Settings) -> list[ModelRoute]:
     return [
         ModelRoute(
@@ -186,8 +239,13 @@ def build_runtime(settings: Settings, *, key_store: KeyStore | None = None) -> R
         max_wait_s=limits.max_wait_s,
         metrics=metrics,
     )
+    cacher = build_cacher(settings, routes, metrics)
+    optional: set[str] = set()
+    if cacher is not None:
+        readiness["cache"] = cacher.cache.check
+        optional.add("cache")  # a cache that is down is bypassed, not fatal
     return Runtime(
-        gateway=GatewayService(catalog, router, admission, metrics),
+        gateway=GatewayService(catalog, router, admission, metrics, cacher),
         authenticator=authenticator,
         metrics=metrics,
         keys=keys,
@@ -200,4 +258,6 @@ def build_runtime(settings: Settings, *, key_store: KeyStore | None = None) -> R
         data_dir=settings.data_dir,
         admin_secret=settings.admin_key.get_secret_value() if settings.admin_key else None,
         readiness=readiness,
+        optional_checks=frozenset(optional),
+        cache=cacher.cache if cacher is not None else None,
     )

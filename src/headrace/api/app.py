@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from headrace import __version__
-from headrace.api import chat, embeddings, errors, models, ops
+from headrace.api import admin, chat, embeddings, errors, models, ops
 from headrace.api.middleware import RequestMiddleware
 from headrace.wiring import Runtime
 
@@ -31,7 +31,7 @@ def create_app(rt: Runtime) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = rt
-    for module in (chat, embeddings, models, ops):
+    for module in (chat, embeddings, models, ops, admin):
         app.include_router(module.router)
     errors.install(app)
     app.add_middleware(

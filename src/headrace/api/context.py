@@ -7,7 +7,7 @@ from typing import Any, cast
 import orjson
 from starlette.requests import Request
 
-from headrace.domain import Call, Priority, RequestControls
+from headrace.domain import CacheControl, Call, Priority, RequestControls
 from headrace.errors import InvalidRequestError, MalformedJsonError
 from headrace.wiring import Runtime
 
@@ -45,7 +45,34 @@ def controls(request: Request) -> RequestControls:
     if raw is not None:
         names = tuple(n.strip() for n in raw.split(",") if n.strip())
         fallbacks = () if names in ((), ("none",)) else names
-    return RequestControls(priority=priority, fallbacks=fallbacks)
+    return RequestControls(
+        priority=priority,
+        fallbacks=fallbacks,
+        cache=cache_control(headers.get("cache-control")),
+    )
+
+
+def cache_control(value: str | None) -> CacheControl:
+    """Parse the request directives Headrace honours; others are ignored, as HTTP says."""
+    if not value:
+        return CacheControl()
+    no_cache = no_store = False
+    max_age: float | None = None
+    for directive in value.lower().split(","):
+        name, _, argument = directive.strip().partition("=")
+        if name == "no-cache":
+            no_cache = True
+        elif name == "no-store":
+            no_store = True
+        elif name == "max-age":
+            try:
+                max_age = max(0.0, float(argument.strip().strip('"')))
+            except ValueError:
+                raise InvalidRequestError(
+                    f"Cache-Control max-age must be a number of seconds, not {argument!r}.",
+                    param="Cache-Control",
+                ) from None
+    return CacheControl(no_cache=no_cache, no_store=no_store, max_age_s=max_age)
 
 
 async def authenticated_call(request: Request) -> Call:

@@ -72,6 +72,12 @@ class RequestMiddleware:
                     headers.append((b"x-headrace-attempts", str(call.attempts).encode()))
                 if call.degraded:
                     headers.append((b"x-headrace-degraded", b"true"))
+                if call.cache is not None:
+                    headers.append((b"x-headrace-cache", call.cache.encode()))
+                if call.similarity is not None:
+                    headers.append(
+                        (b"x-headrace-cache-similarity", f"{call.similarity:.4f}".encode())
+                    )
             await send(message)
 
         received = 0
@@ -134,6 +140,7 @@ class RequestMiddleware:
                 deployment=call.deployment,
                 attempts=call.attempts,
                 degraded=call.degraded,
+                cache=call.cache,
                 prompt_tokens=usage.prompt_tokens if usage else None,
                 completion_tokens=usage.completion_tokens if usage else None,
             )

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from headrace.api.context import runtime
+from headrace.cache.base import CacheUnavailableError
 from headrace.observability.metrics import CONTENT_TYPE
 
 router = APIRouter()
@@ -24,8 +25,13 @@ async def live() -> Response:
 
 @router.get("/health/ready", tags=["ops"])
 async def ready(request: Request) -> Response:
-    """200 when every dependency answers, else 503 naming the ones that failed and why."""
-    checks = runtime(request).readiness
+    """200 when every required dependency answers, else 503 naming the ones that failed.
+
+    Optional dependencies (the cache) that fail make the status ``degraded`` but keep 200:
+    the gateway still serves without them.
+    """
+    rt = runtime(request)
+    checks = rt.readiness
 
     async def run(name: str) -> tuple[str, str | None]:
         try:
@@ -39,18 +45,30 @@ async def ready(request: Request) -> Response:
 
     results = await asyncio.gather(*(run(name) for name in checks))
     failed = {name: error for name, error in results if error is not None}
+    fatal = {name for name in failed if name not in rt.optional_checks}
+    status = "unavailable" if fatal else "degraded" if failed else "ready"
     body = {
-        "status": "unavailable" if failed else "ready",
+        "status": status,
         "checks": {
             name: {"status": "failed", "error": error} if error else {"status": "ok"}
             for name, error in results
         },
     }
     return Response(
-        orjson.dumps(body), status_code=503 if failed else 200, media_type="application/json"
+        orjson.dumps(body), status_code=503 if fatal else 200, media_type="application/json"
     )
 
 
 @router.get("/metrics", tags=["ops"])
 async def metrics(request: Request) -> Response:
-    return Response(runtime(request).metrics.render(), media_type=CONTENT_TYPE)
+    rt = runtime(request)
+    if rt.cache is not None:
+        try:
+            stats = await rt.cache.stats()
+        except CacheUnavailableError:
+            pass
+        else:
+            rt.metrics.cache_bytes.set(stats.bytes)
+            rt.metrics.cache_entries.set(stats.entries)
+            rt.metrics.cache_evictions.set(stats.evictions)
+    return Response(rt.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,8 +1,9 @@
 """GatewayService: the one pipeline every request goes through, synchronous or queued.
 
-admission (bounded concurrency, priority shedding) → model access → router (deployment
-choice, retries, breakers, fallbacks, degraded answer) → metrics. Later issues insert limits,
-budgets and the cache between these steps; the entry points and :class:`Call` stay the same.
+model access → response cache (hits and coalesced followers stop here) → admission (bounded
+concurrency, priority shedding) → router (deployment choice, retries, breakers, fallbacks,
+degraded answer) → metrics. Later issues insert limits and budgets before the cache; the entry
+points and :class:`~headrace.domain.Call` stay the same.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from headrace.domain import (
 )
 from headrace.errors import HeadraceError, PermissionDeniedError
 from headrace.gateway.admission import Admission
+from headrace.gateway.caching import HIT, ResponseCacher
 from headrace.observability.metrics import Metrics
 from headrace.routing.catalog import Catalog
 from headrace.routing.router import Router
@@ -28,12 +30,18 @@ from headrace.routing.router import Router
 
 class GatewayService:
     def __init__(
-        self, catalog: Catalog, router: Router, admission: Admission, metrics: Metrics
+        self,
+        catalog: Catalog,
+        router: Router,
+        admission: Admission,
+        metrics: Metrics,
+        cacher: ResponseCacher | None = None,
     ) -> None:
         self._catalog = catalog
         self._router = router
         self._admission = admission
         self._metrics = metrics
+        self._cacher = cacher
 
     @property
     def catalog(self) -> Catalog:
@@ -42,6 +50,10 @@ class GatewayService:
     @property
     def router(self) -> Router:
         return self._router
+
+    @property
+    def cacher(self) -> ResponseCacher | None:
+        return self._cacher
 
     def _admit(self, call: Call, model: str, capability: str) -> None:
         self._catalog.route(model, capability)
@@ -61,8 +73,15 @@ class GatewayService:
         if usage.completion_tokens:
             self._metrics.tokens.labels(operation, model, "output").observe(usage.completion_tokens)
 
+    # -- chat -------------------------------------------------------------------------------
+
     async def chat(self, call: Call, request: ChatRequest) -> ChatResponse:
         self._admit(call, request.model, "chat")
+        if self._cacher is None:
+            return await self._upstream_chat(call, request)
+        return await self._cacher.chat(call, request, lambda: self._upstream_chat(call, request))
+
+    async def _upstream_chat(self, call: Call, request: ChatRequest) -> ChatResponse:
         async with self._admission.slot(call.controls.priority):
             started = time.perf_counter_ns()
             try:
@@ -81,10 +100,39 @@ class GatewayService:
     ) -> AsyncGenerator[ChatChunk, None]:
         """Chunks as the upstream sends them; the usage chunk only if the client asked.
 
-        Cancelling the consumer closes the upstream stream (the ``finally`` below).
+        Cancelling the consumer closes the upstream stream (the ``finally`` blocks).
         """
         self._admit(call, request.model, "chat")
+        if self._cacher is None:
+            chunks = self._upstream_stream(call, request)
+        else:
+            chunks = self._cacher.stream(
+                call, request, lambda: self._upstream_stream(call, request)
+            )
+        try:
+            async for received in chunks:
+                chunk = received
+                if call.first_chunk_ns is None:
+                    call.first_chunk_ns = time.perf_counter_ns()
+                    self._metrics.ttft.labels(call.model or "").observe(
+                        (call.first_chunk_ns - call.started_ns) / 1e9
+                    )
+                if chunk.usage is not None:
+                    if call.cache != HIT:
+                        call.usage = chunk.usage
+                    if not request.include_usage:
+                        if not chunk.body.get("choices"):
+                            continue
+                        chunk = ChatChunk({k: v for k, v in chunk.body.items() if k != "usage"})
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    async def _upstream_stream(
+        self, call: Call, request: ChatRequest
+    ) -> AsyncGenerator[ChatChunk, None]:
         error = ""
+        usage = Usage()
         async with self._admission.slot(call.controls.priority):
             chunks = self._router.stream_chat(call, request)
             try:
@@ -96,24 +144,17 @@ class GatewayService:
                         break
                     finally:
                         call.upstream_ns += time.perf_counter_ns() - started
-                    if call.first_chunk_ns is None:
-                        call.first_chunk_ns = time.perf_counter_ns()
-                        self._metrics.ttft.labels(call.model or "").observe(
-                            (call.first_chunk_ns - call.started_ns) / 1e9
-                        )
                     if chunk.usage is not None:
-                        call.usage = chunk.usage
-                        if not request.include_usage:
-                            if not chunk.body.get("choices"):
-                                continue
-                            chunk = ChatChunk({k: v for k, v in chunk.body.items() if k != "usage"})
+                        usage = chunk.usage
                     yield chunk
             except HeadraceError as exc:
                 error = type(exc).__name__
                 raise
             finally:
                 await chunks.aclose()
-                self._record(call, "chat", call.usage or Usage(), error)
+                self._record(call, "chat", usage, error)
+
+    # -- embeddings -------------------------------------------------------------------------
 
     async def embed(self, call: Call, request: EmbeddingRequest) -> EmbeddingResponse:
         self._admit(call, request.model, "embeddings")

@@ -123,5 +123,22 @@ class Metrics:
             "headrace_admission_queue", "Requests waiting for a serving slot.", registry=r
         )
 
+        self.cache_requests = Counter(
+            "headrace_cache_requests",
+            "Cache lookups by result (hit, miss, bypass).",
+            ["result"],
+            registry=r,
+        )
+        self.cache_saved_usd = Counter(
+            "headrace_cache_saved_cost_usd", "Upstream cost avoided by cache hits.", registry=r
+        )
+        self.cache_bytes = Gauge("headrace_cache_bytes", "Bytes held by the cache.", registry=r)
+        self.cache_entries = Gauge("headrace_cache_entries", "Entries in the cache.", registry=r)
+        self.cache_evictions = Gauge(
+            "headrace_cache_evictions",
+            "Entries evicted to stay within the size bound.",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Response caching: exact (by request hash) and semantic (by prompt embedding)."""

@@ -1,0 +1,347 @@
+"""The response cache in the pipeline: look up, coalesce identical requests, store answers.
+
+For a cacheable request (the model's policy allows it; by default only deterministic ones,
+temperature 0 or a seed) the cacher:
+
+1. reads the cache unless the client sent ``Cache-Control: no-cache`` (``max-age=N`` limits
+   the age it accepts) — a hit is answered without an upstream call and costs nothing;
+2. joins an identical request already in flight in this process (single-flight; streams
+   included: followers receive the leader's chunks as they arrive), or, with a cross-process
+   :class:`~headrace.cache.base.FlightLock`, waits for another process's leader and reads
+   its stored answer;
+3. otherwise computes the answer and stores it unless the client sent ``no-store``. Streams
+   are stored only when they complete; a failed or cut stream is never stored.
+
+A cache backend that is down is skipped (``X-Headrace-Cache: bypass``) and the request is
+served as if there were no cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+
+from headrace.cache.base import (
+    CacheEntry,
+    CacheUnavailableError,
+    FlightLock,
+    ResponseCache,
+    tags_for,
+)
+from headrace.cache.keys import cache_key, is_deterministic
+from headrace.domain import Call, ChatChunk, ChatRequest, ChatResponse, Price, Usage
+from headrace.observability.metrics import Metrics
+
+log = structlog.get_logger("headrace.cache")
+
+HIT, MISS, BYPASS = "hit", "miss", "bypass"
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """One model's cache policy. ``deterministic_only``: cache only temperature 0 or seeded."""
+
+    enabled: bool = True
+    ttl_s: float = 3600.0
+    deterministic_only: bool = True
+
+
+class _Broadcast:
+    """A leader's stream, replayable from the start by any number of followers."""
+
+    def __init__(self) -> None:
+        self.chunks: list[ChatChunk] = []
+        self.done = False
+        self.error: BaseException | None = None
+        self._changed = asyncio.Event()
+
+    def push(self, chunk: ChatChunk) -> None:
+        self.chunks.append(chunk)
+        self._wake()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.done = True
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def follow(self) -> AsyncGenerator[ChatChunk, None]:
+        index = 0
+        while True:
+            while index < len(self.chunks):
+                yield self.chunks[index]
+                index += 1
+            if self.done:
+                if self.error is not None:
+                    raise self.error
+                return
+            await self._changed.wait()
+
+
+def _cost_micro_usd(usage: Usage, price: Price) -> int:
+    return (
+        usage.prompt_tokens * price.input_per_mtok + usage.completion_tokens * price.output_per_mtok
+    ) // 1_000_000
+
+
+class ResponseCacher:
+    def __init__(
+        self,
+        cache: ResponseCache,
+        policies: Mapping[str, CachePolicy],
+        *,
+        metrics: Metrics,
+        prices: Mapping[str, Price],
+        flight_lock: FlightLock | None = None,
+        shared_namespace: bool = False,
+        flight_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._cache = cache
+        self._policies = policies
+        self._metrics = metrics
+        self._prices = prices
+        self._lock = flight_lock
+        self._shared = shared_namespace
+        self._flight_timeout_s = flight_timeout_s
+        self._clock = clock
+        self._json_flights: dict[str, asyncio.Future[ChatResponse]] = {}
+        self._stream_flights: dict[str, _Broadcast] = {}
+
+    @property
+    def cache(self) -> ResponseCache:
+        return self._cache
+
+    # -- keys and policy --------------------------------------------------------------------
+
+    def _namespace(self, call: Call) -> str:
+        if self._shared:
+            return "shared"
+        principal = call.principal
+        if principal is None:
+            return "anonymous"
+        return f"team:{principal.team_id}" if principal.team_id else f"key:{principal.key_id}"
+
+    def _key(self, call: Call, request: ChatRequest, kind: str) -> str | None:
+        policy = self._policies.get(request.model, CachePolicy())
+        if not policy.enabled:
+            return None
+        if policy.deterministic_only and not is_deterministic(request.body):
+            return None
+        return cache_key(self._namespace(call), kind, request.model, request.body)
+
+    def _outcome(self, call: Call, result: str) -> None:
+        call.cache = result
+        self._metrics.cache_requests.labels(result).inc()
+
+    # -- backend access that never fails the request ------------------------------------------
+
+    async def _read(self, call: Call, key: str) -> dict[str, Any] | None:
+        controls = call.controls.cache
+        if controls.no_cache:
+            return None
+        try:
+            entry = await self._cache.get(key)
+        except CacheUnavailableError as exc:
+            log.warning("cache_unavailable", error=str(exc))
+            return None
+        if entry is None:
+            return None
+        if controls.max_age_s is not None and self._clock() - entry.created_at > controls.max_age_s:
+            return None
+        stored: dict[str, Any] = orjson.loads(entry.value)
+        return stored
+
+    async def _write(self, call: Call, request: ChatRequest, key: str, value: object) -> None:
+        if call.controls.cache.no_store:
+            return
+        policy = self._policies.get(request.model, CachePolicy())
+        principal = call.principal
+        entry = CacheEntry(
+            value=orjson.dumps(value),
+            created_at=self._clock(),
+            tags=tags_for(
+                model=request.model,
+                team=principal.team_id if principal else None,
+                key_id=principal.key_id if principal else None,
+            ),
+        )
+        try:
+            await self._cache.set(key, entry, policy.ttl_s)
+        except CacheUnavailableError as exc:
+            log.warning("cache_unavailable", error=str(exc))
+
+    def _hit(self, call: Call, stored: Mapping[str, Any]) -> None:
+        self._outcome(call, HIT)
+        usage = Usage.from_openai(stored.get("usage")) or Usage()
+        price = self._prices.get(str(stored.get("deployment")), Price())
+        saved = _cost_micro_usd(usage, price)
+        if saved:
+            self._metrics.cache_saved_usd.inc(saved / 1_000_000)
+        call.usage = Usage()  # nothing is billed for a hit
+
+    async def _lead_elsewhere(self, key: str) -> bool:
+        """With a cross-process lock: True if another process leads ``key`` (we waited)."""
+        if self._lock is None:
+            return False
+        try:
+            if await self._lock.acquire(key, self._flight_timeout_s):
+                return False
+            await self._lock.wait(key, self._flight_timeout_s)
+        except CacheUnavailableError as exc:
+            log.warning("cache_unavailable", error=str(exc))
+            return False
+        return True
+
+    async def _release(self, key: str) -> None:
+        if self._lock is None:
+            return
+        try:
+            await self._lock.release(key)
+        except CacheUnavailableError as exc:
+            log.warning("cache_unavailable", error=str(exc))
+
+    # -- JSON answers ------------------------------------------------------------------------
+
+    async def chat(
+        self, call: Call, request: ChatRequest, compute: Callable[[], Awaitable[ChatResponse]]
+    ) -> ChatResponse:
+        key = self._key(call, request, "json")
+        if key is None or call.controls.cache.no_cache:
+            self._outcome(call, BYPASS)
+            response = await compute()
+            if key is not None:
+                await self._write(call, request, key, self._json_value(call, response))
+            return response
+        stored = await self._read(call, key)
+        if stored is not None:
+            self._hit(call, stored)
+            return ChatResponse(body=stored["body"], usage=Usage())
+        leader = self._json_flights.get(key)
+        if leader is not None:
+            try:
+                response = await asyncio.wait_for(asyncio.shield(leader), self._flight_timeout_s)
+            except Exception as exc:  # the leader failed: serve this one ourselves
+                log.info("single_flight_leader_failed", error=type(exc).__name__)
+            else:
+                self._hit(call, {"usage": response.usage.to_openai()})
+                return ChatResponse(body=response.body, usage=Usage())
+        if await self._lead_elsewhere(key):
+            stored = await self._read(call, key)
+            if stored is not None:
+                self._hit(call, stored)
+                return ChatResponse(body=stored["body"], usage=Usage())
+        return await self._compute_json(call, request, key, compute)
+
+    async def _compute_json(
+        self,
+        call: Call,
+        request: ChatRequest,
+        key: str,
+        compute: Callable[[], Awaitable[ChatResponse]],
+    ) -> ChatResponse:
+        self._outcome(call, MISS)
+        flight: asyncio.Future[ChatResponse] = asyncio.get_running_loop().create_future()
+        self._json_flights[key] = flight
+        try:
+            response = await compute()
+        except BaseException as exc:
+            flight.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            flight.exception()  # mark retrieved: followers may all be gone
+            raise
+        else:
+            flight.set_result(response)
+            if not call.degraded:
+                await self._write(call, request, key, self._json_value(call, response))
+            return response
+        finally:
+            if self._json_flights.get(key) is flight:
+                del self._json_flights[key]
+            await self._release(key)
+
+    @staticmethod
+    def _json_value(call: Call, response: ChatResponse) -> dict[str, Any]:
+        return {
+            "body": response.body,
+            "usage": response.usage.to_openai(),
+            "deployment": call.deployment,
+        }
+
+    # -- streams -----------------------------------------------------------------------------
+
+    async def stream(
+        self,
+        call: Call,
+        request: ChatRequest,
+        compute: Callable[[], AsyncGenerator[ChatChunk, None]],
+    ) -> AsyncGenerator[ChatChunk, None]:
+        key = self._key(call, request, "stream")
+        if key is None or call.controls.cache.no_cache:
+            self._outcome(call, BYPASS)
+            async for chunk in self._stream_and_store(call, request, key, compute()):
+                yield chunk
+            return
+        stored = await self._read(call, key)
+        if stored is None:
+            broadcast = self._stream_flights.get(key)
+            if broadcast is not None and not broadcast.done:
+                self._hit(call, {})
+                async for chunk in broadcast.follow():
+                    yield chunk
+                return
+            if await self._lead_elsewhere(key):
+                stored = await self._read(call, key)
+        if stored is not None:
+            self._hit(call, stored)
+            for body in stored["chunks"]:
+                yield ChatChunk(body, Usage.from_openai(body.get("usage")) or None)
+            return
+        self._outcome(call, MISS)
+        broadcast = _Broadcast()
+        self._stream_flights[key] = broadcast
+        try:
+            async for chunk in self._stream_and_store(call, request, key, compute(), broadcast):
+                yield chunk
+        finally:
+            if self._stream_flights.get(key) is broadcast:
+                del self._stream_flights[key]
+            await self._release(key)
+
+    async def _stream_and_store(
+        self,
+        call: Call,
+        request: ChatRequest,
+        key: str | None,
+        chunks: AsyncGenerator[ChatChunk, None],
+        broadcast: _Broadcast | None = None,
+    ) -> AsyncGenerator[ChatChunk, None]:
+        bodies: list[dict[str, Any]] = []
+        usage = Usage()
+        try:
+            async for chunk in chunks:
+                bodies.append(chunk.body)
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if broadcast is not None:
+                    broadcast.push(chunk)
+                yield chunk
+        except BaseException as exc:
+            if broadcast is not None:
+                broadcast.finish(exc)
+            raise
+        finally:
+            await chunks.aclose()
+        if broadcast is not None:
+            broadcast.finish()
+        if key is not None and not call.degraded:
+            value = {"chunks": bodies, "usage": usage.to_openai(), "deployment": call.deployment}
+            await self._write(call, request, key, value)
