@@ -96,6 +96,81 @@ def doctor(config: ConfigOption = None) -> None:
     raise typer.Exit(0 if ok else 1)
 
 
+cache_app = typer.Typer(help="Inspect and purge a running gateway's response cache.")
+app.add_typer(cache_app, name="cache")
+
+UrlOption = Annotated[
+    str, typer.Option("--url", envvar="HEADRACE_URL", help="The running gateway.")
+]
+AdminKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--admin-key",
+        envvar="HEADRACE_ADMIN_KEY",
+        help="Default: the key saved in the data directory on first start.",
+    ),
+]
+
+
+def _admin_key(given: str | None, config: Path | None) -> str:
+    if given:
+        return given
+    path = _settings(config).data_dir / "admin-key"
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        typer.echo(
+            f"No admin key: pass --admin-key or set HEADRACE_ADMIN_KEY ({path} is unreadable).",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+
+
+def _admin_call(url: str, key: str, method: str, path: str, query: dict[str, str]) -> object:
+    from headrace.admin_client import AdminError, call
+
+    try:
+        return call(url, key, method, path, query)
+    except AdminError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+
+
+@cache_app.command("stats")
+def cache_stats(
+    url: UrlOption = "http://127.0.0.1:8080",
+    admin_key: AdminKeyOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Entries, bytes, evictions and hit/miss/bypass counts."""
+    stats = _admin_call(url, _admin_key(admin_key, config), "GET", "/admin/cache", {})
+    assert isinstance(stats, dict)
+    for name in ("entries", "bytes", "evictions"):
+        typer.echo(f"{name:<10} {stats[name]}")
+    for result, count in sorted(stats["requests"].items()):
+        typer.echo(f"{result:<10} {count}")
+
+
+@cache_app.command("purge")
+def cache_purge(
+    model: Annotated[str | None, typer.Option(help="Only this model's entries.")] = None,
+    team: Annotated[str | None, typer.Option(help="Only this team's entries.")] = None,
+    key: Annotated[str | None, typer.Option(help="Only entries made with this key id.")] = None,
+    everything: Annotated[bool, typer.Option("--all", help="Purge every entry.")] = False,
+    url: UrlOption = "http://127.0.0.1:8080",
+    admin_key: AdminKeyOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Delete cached responses by model, team or key (or --all)."""
+    query = {k: v for k, v in (("model", model), ("team", team), ("key", key)) if v}
+    if not query and not everything:
+        typer.echo("Say what to purge: --model, --team, --key, or --all.", err=True)
+        raise typer.Exit(2)
+    result = _admin_call(url, _admin_key(admin_key, config), "DELETE", "/admin/cache", query)
+    assert isinstance(result, dict)
+    typer.echo(f"purged {result['purged']} entries")
+
+
 @app.command()
 def version() -> None:
     """Print Headrace's version."""
