@@ -60,9 +60,7 @@ class OpenAICompatibleProvider:
         self._deployment = deployment
         self._http = context.http
         self._base = deployment.base_url.rstrip("/")
-        self._headers = {"Content-Type": "application/json"}
-        if deployment.api_key:
-            self._headers["Authorization"] = f"Bearer {deployment.api_key}"
+        self._headers = {"Content-Type": "application/json", **self._auth_headers()}
         t = deployment.timeouts
         self._timeout = aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s)
         self._stream_timeout = aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s)
@@ -70,6 +68,23 @@ class OpenAICompatibleProvider:
     @property
     def deployment(self) -> Deployment:
         return self._deployment
+
+    # -- hooks for OpenAI dialects (Azure OpenAI) -----------------------------------------
+
+    def _auth_headers(self) -> dict[str, str]:
+        """Credential headers: ``Authorization: Bearer <key>``, or none without a key."""
+        if self._deployment.api_key:
+            return {"Authorization": f"Bearer {self._deployment.api_key}"}
+        return {}
+
+    def _url(self, path: str) -> str:
+        """The URL of an OpenAI API path (``/chat/completions``, ``/embeddings``, ``/models``)."""
+        return self._base + path
+
+    def _rejection_code(self, raw: bytes) -> str | None:
+        """The error ``code`` for a rejected request (HTTP 400/404/413/422); ``None`` keeps
+        :class:`UpstreamRejectedError`'s default."""
+        return None
 
     # -- errors ---------------------------------------------------------------------------
 
@@ -92,7 +107,9 @@ class OpenAICompatibleProvider:
                 headers=headers,
             )
         if status in (400, 404, 413, 422):
-            raise UpstreamRejectedError(message, deployment=name, upstream_status=status)
+            raise UpstreamRejectedError(
+                message, deployment=name, upstream_status=status, code=self._rejection_code(raw)
+            )
         if status in (401, 403):
             raise UpstreamStatusError(
                 f"Deployment {name!r} refused Headrace's credentials (HTTP {status}); "
@@ -142,7 +159,7 @@ class OpenAICompatibleProvider:
         session = self._http.get()
         try:
             async with session.post(
-                self._base + path,
+                self._url(path),
                 data=orjson.dumps(body),
                 headers=self._headers,
                 timeout=self._timeout,
@@ -182,7 +199,7 @@ class OpenAICompatibleProvider:
         done = False
         try:
             async with session.post(
-                self._base + "/chat/completions",
+                self._url("/chat/completions"),
                 data=orjson.dumps(body),
                 headers=self._headers,
                 timeout=self._stream_timeout,
@@ -260,7 +277,7 @@ class OpenAICompatibleProvider:
         session = self._http.get()
         try:
             async with session.get(
-                self._base + "/models",
+                self._url("/models"),
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=min(5.0, self._deployment.timeouts.total_s)),
             ) as response:

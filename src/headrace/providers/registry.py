@@ -23,6 +23,8 @@ PROVIDERS: Mapping[str, str] = {
     "local": "headrace.providers.local_chat:LlamaCppProvider",
     "local_embeddings": "headrace.providers.local_embeddings:MiniLMProvider",
     "echo": "headrace.providers.echo:EchoProvider",
+    "anthropic": "headrace.providers.anthropic:AnthropicProvider",
+    "azure_openai": "headrace.providers.azure_openai:AzureOpenAIProvider",
 }
 
 
