@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -40,6 +42,10 @@ def _settings(config: Path | None) -> Settings:
         raise typer.Exit(2) from None
 
 
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def _announce_admin_key(secret: str, data_dir: Path) -> None:
     line = "-" * 72
     typer.echo(
@@ -72,6 +78,9 @@ def serve(
     server_host = host or settings.server.host
     server_port = settings.server.port if port is None else port
     typer.echo(f"Headrace {__version__} listening on http://{server_host}:{server_port}", err=True)
+    # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found: this one,
+    # so that a completed drain exits 0 rather than dying by the signal (status 143).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         application,
         host=server_host,

@@ -73,6 +73,13 @@ class ModelCacheConfig(_Strict):
     )
 
 
+class EmbeddingBatchConfig(_Strict):
+    window_ms: float = Field(
+        2.0, ge=0, description="Merge embeddings calls arriving this close together; 0: off."
+    )
+    max_inputs: int = Field(256, ge=1, description="Inputs per merged upstream call.")
+
+
 class DeploymentConfig(_Strict):
     """One upstream serving a public model."""
 
@@ -89,6 +96,7 @@ class DeploymentConfig(_Strict):
         None, ge=1, description="Requests in flight at once; beyond it the router skips it."
     )
     price: PriceConfig | None = Field(None, description="USD per million tokens (cost_first).")
+    embedding_batch: EmbeddingBatchConfig = EmbeddingBatchConfig()
     options: dict[str, Any] = Field(default_factory=dict, description="Provider-specific.")
 
 

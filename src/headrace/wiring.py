@@ -25,6 +25,7 @@ from headrace.gateway.service import GatewayService
 from headrace.observability.metrics import Metrics
 from headrace.providers import registry
 from headrace.providers.base import Provider
+from headrace.providers.batching import BatchingProvider
 from headrace.providers.http import SessionPool
 from headrace.routing.breaker import BreakerConfig
 from headrace.routing.catalog import Catalog
@@ -208,11 +209,22 @@ def build_runtime(settings: Settings, *, key_store: KeyStore | None = None) -> R
     http = SessionPool()
     context = registry.ProviderContext(http=http)
     providers: dict[str, Provider] = {}
+    batching = {
+        (model.name, i): d.embedding_batch
+        for model in settings.models
+        for i, d in enumerate(model.deployments)
+    }
     for route in routes:
-        for deployment in route.deployments:
+        for i, deployment in enumerate(route.deployments):
             if deployment.name in providers:
                 raise ValueError(f"deployment name {deployment.name!r} is used twice")
-            providers[deployment.name] = registry.build(deployment, context)
+            provider = registry.build(deployment, context)
+            batch = batching[(route.name, i)]
+            if "embeddings" in route.capabilities and batch.window_ms > 0:
+                provider = BatchingProvider(
+                    provider, window_s=batch.window_ms / 1000, max_inputs=batch.max_inputs
+                )
+            providers[deployment.name] = provider
     metrics = Metrics()
     keys = key_store or SqlKeyStore(settings.resolved_database_url)
     authenticator = Authenticator(

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603 - our own interpreter and module
+    return subprocess.run(
         [sys.executable, "-m", "headrace", *args],
         capture_output=True,
         text=True,

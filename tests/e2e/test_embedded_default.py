@@ -72,6 +72,7 @@ def test_ready_checks_every_dependency(embedded: tuple[Server, str, Path]) -> No
     assert body["status"] == "ready", body
     assert set(body["checks"]) == {
         "store",
+        "cache",
         f"deployment:{CHAT_MODEL}/0",
         "deployment:all-minilm-l6-v2/0",
     }

@@ -61,8 +61,9 @@ def test_fields_that_change_the_answer_change_the_key(change: dict) -> None:
 def test_equivalent_spellings_share_a_key() -> None:
     assert key({**BASE, "max_tokens": 5}) == key({**BASE, "max_completion_tokens": 5})
     assert key({**BASE, "stop": "x"}) == key({**BASE, "stop": ["x"]})
-    assert key({**BASE, "temperature": 1}) == key({k: v for k, v in BASE.items()
-                                                     if k != "temperature"})
+    assert key({**BASE, "temperature": 1}) == key(
+        {k: v for k, v in BASE.items() if k != "temperature"}
+    )
     reordered = {"temperature": 0, "messages": BASE["messages"], "model": "m"}
     assert key(reordered) == key(BASE)
 

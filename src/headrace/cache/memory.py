@@ -162,7 +162,7 @@ class LocalFlightLock:
             lease[0].set()
 
     async def wait(self, key: str, timeout_s: float) -> None:
-        """Return once ``key`` has no running lease (released or expired), or after ``timeout_s``."""
+        """Return once ``key`` has no running lease (released, expired) or after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
             lease = self._leases.get(key)

@@ -367,13 +367,20 @@ class _Plan:
             raise error
         if kind is ErrorClass.TRANSIENT:
             policy = router.policy(self._model or "").retry
-            retry_after = error.retry_after_s if isinstance(error, UpstreamError) else None
+            # Retry-After concerns the deployment that said it (now cooling down); a retry on
+            # another deployment needs only the ordinary backoff.
+            elsewhere = any(s.available() for s in router.slots(self._model or "") if s is not slot)
+            retry_after = None
+            if not elsewhere and isinstance(error, UpstreamError):
+                retry_after = error.retry_after_s
             delay = policy.delay_s(self._model_attempts - 1, router._rng, retry_after)
             elapsed = router._clock() - self._model_started
+            # Somewhere to go: another deployment now, or this one once its Retry-After passed.
+            can_wait = retry_after is not None and slot.breaker.state is not BreakerState.OPEN
             if (
                 self._model_attempts < policy.max_attempts
                 and policy.may_retry(self._model_attempts, elapsed, delay)
-                and self._another_slot_or_wait()
+                and (elsewhere or slot.available() or can_wait)
                 and router._budget.try_spend()
             ):
                 router._metrics.retries.labels(slot.name).inc()
@@ -385,9 +392,6 @@ class _Plan:
         else:
             self._model_attempts = router.policy(self._model or "").retry.max_attempts
         self._after_failure(kind)
-
-    def _another_slot_or_wait(self) -> bool:
-        return any(s.available() for s in self._router.slots(self._model or ""))
 
     def _fallback_on(self) -> frozenset[ErrorClass]:
         return self._router.policy(self._requested).fallback_on
