@@ -57,6 +57,7 @@ class Scripted:
     calls: int = 0
     stream_error_after_first: HeadraceError | None = None
     hang_s: float = 0.0
+    text: str | None = None  # stream this text in two chunks instead of the deployment name
 
     def _next(self) -> HeadraceError | None:
         self.calls += 1
@@ -77,9 +78,17 @@ class Scripted:
             await asyncio.sleep(self.hang_s)
         if error is not None:
             raise error
-        yield ChatChunk({"choices": [{"delta": {"content": self.deployment.name}}]})
+        text = self.text or self.deployment.name
+        half = max(1, len(text) // 2)
+        yield ChatChunk(
+            {"id": self.deployment.name, "choices": [{"delta": {"content": text[:half]}}]}
+        )
         if self.stream_error_after_first is not None:
             raise self.stream_error_after_first
+        if text[half:]:
+            yield ChatChunk(
+                {"id": self.deployment.name, "choices": [{"delta": {"content": text[half:]}}]}
+            )
         yield ChatChunk({"choices": [], "usage": {}}, usage=Usage(1, 1))
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResponse:
@@ -334,9 +343,40 @@ async def test_stream_retries_before_the_first_chunk_only() -> None:
     chunks = [chunk async for chunk in w.router.stream_chat(c, REQUEST)]
     assert chunks[0].body["choices"][0]["delta"]["content"] == other
     assert c.attempts == 2
-    # After the first chunk, a failure is partial: raised, not retried.
+    # After the first chunk, a cut stream whose retry diverges is a partial failure: raised.
     for p in w.providers.values():
         p.stream_error_after_first = failure(p.deployment.name)
+    c = call()
+    with pytest.raises(UpstreamStatusError):
+        async for _ in w.router.stream_chat(c, REQUEST):
+            pass
+
+
+async def test_a_cut_stream_is_resumed_when_the_retry_reproduces_what_was_sent() -> None:
+    w = world({"m": ["a", "b"]}, {"m": round_robin()})
+    for p in w.providers.values():
+        p.text = "hello world"
+    first = w.router.slots("m")[0].name
+    w.providers[first].stream_error_after_first = failure(first)
+    c = call()
+    chunks = [chunk async for chunk in w.router.stream_chat(c, REQUEST)]
+    text = "".join(ch.body["choices"][0]["delta"]["content"] for ch in chunks if ch.body["choices"])
+    assert text == "hello world"
+    assert {ch.body.get("id") for ch in chunks if ch.body.get("id")} == {first}
+    assert c.attempts == 2
+    assert chunks[-1].usage == Usage(1, 1)
+
+
+async def test_a_cut_stream_with_tool_calls_is_not_resumed() -> None:
+    w = world({"m": ["a", "b"]}, {"m": round_robin()})
+    first = w.router.slots("m")[0].name
+    provider = w.providers[first]
+
+    async def tool_stream(request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
+        yield ChatChunk({"choices": [{"delta": {"tool_calls": [{"index": 0}]}}]})
+        raise failure(first)
+
+    provider.stream_chat = tool_stream  # type: ignore[method-assign]
     c = call()
     with pytest.raises(UpstreamStatusError):
         async for _ in w.router.stream_chat(c, REQUEST):

@@ -110,6 +110,12 @@ class Metrics:
             ["deployment"],
             registry=r,
         )
+        self.stream_resumes = Counter(
+            "headrace_stream_resumes",
+            "Streams cut after output and resumed on a retry, by the deployment that cut.",
+            ["deployment"],
+            registry=r,
+        )
         self.fallbacks = Counter(
             "headrace_fallbacks",
             "Requests moved to a fallback model.",

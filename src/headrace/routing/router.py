@@ -8,8 +8,10 @@ then, by class of error, the model's fallbacks or context-window fallbacks, each
 deployments and policy; then the model's degraded answer, if it has one. Error classes and
 their handling: :mod:`headrace.routing.classify`.
 
-Streams are retried only before their first chunk, which is also before any byte reached the
-client (the API waits for the first chunk before it answers).
+Streams are retried freely before their first chunk, which is also before any byte reached
+the client (the API waits for the first chunk before it answers). A stream cut after that is
+resumed on a retry only when the retry reproduces the text already sent
+(:mod:`headrace.routing.resume`); otherwise the client gets the error.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from headrace.providers.base import Provider
 from headrace.routing.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from headrace.routing.catalog import Catalog
 from headrace.routing.classify import ErrorClass, classify, counts_against_breaker
+from headrace.routing.resume import SpliceMismatchError, Splicer, Transcript
 from headrace.routing.retry import RetryBudget, RetryPolicy
 from headrace.routing.strategies import Candidate, Ewma, Strategy, make_strategy
 
@@ -190,10 +193,11 @@ class Router:
         plan.raise_last()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def stream_chat(
+    async def stream_chat(  # noqa: PLR0912 - one loop; each branch is a documented outcome
         self, call: Call, request: ChatRequest
     ) -> AsyncGenerator[ChatChunk, None]:
         plan = _Plan(self, call, request.model, "chat")
+        sent = Transcript()  # what reached the client, for resuming a cut stream
         while (slot := plan.next()) is not None:
             chunks = slot.provider.stream_chat(request)
             slot.in_flight += 1
@@ -205,16 +209,27 @@ class Router:
                 await chunks.aclose()
                 await plan.failed(slot, exc)
                 continue
-            # From here on the client sees output: no more retries.
             if first.exhausted_for_s:
                 slot.breaker.cool_down(first.exhausted_for_s)
+            splicer = Splicer(sent) if sent.started else None
             try:
-                yield first
-                async for chunk in chunks:
-                    yield chunk
-            except HeadraceError:
-                slot.breaker.record_failure()
-                raise
+                async for chunk in _prepend(first, chunks):
+                    out = chunk if splicer is None else splicer.feed(chunk)
+                    if out is None:
+                        continue
+                    sent.record(out)
+                    yield out
+            except HeadraceError as exc:
+                # Output already reached the client: only a resumable stream may go on.
+                if not sent.resumable:
+                    slot.breaker.record_failure()
+                    raise
+                await plan.failed(slot, exc)
+                self._metrics.stream_resumes.labels(slot.name).inc()
+                continue
+            except SpliceMismatchError:
+                slot.breaker.release()
+                plan.raise_last()
             except BaseException:
                 slot.breaker.release()
                 raise
@@ -225,6 +240,8 @@ class Router:
                 slot.in_flight -= 1
                 await chunks.aclose()
             return
+        if sent.started:
+            plan.raise_last()  # never append a degraded answer to a partial one
         answer = plan.degraded_answer()
         for chunk in _degraded_chunks(request, answer):
             yield chunk
@@ -436,6 +453,14 @@ class _Plan:
             error=self._last_error.message if self._last_error else None,
         )
         return answer
+
+
+async def _prepend(
+    first: ChatChunk, rest: AsyncGenerator[ChatChunk, None]
+) -> AsyncGenerator[ChatChunk, None]:
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 def _degraded_response(model: str, text: str) -> ChatResponse:
