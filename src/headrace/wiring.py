@@ -81,8 +81,9 @@ class Runtime:
         )
         await self.http.aclose()
         await self.keys.aclose()
-        if self.cache is not None:
-            await self.cache.aclose()
+        cacher = self.gateway.cacher
+        if cacher is not None:
+            await cacher.aclose()
 
 
 def _deployment(model: ModelConfig, index: int, config: DeploymentConfig) -> Deployment:

@@ -175,3 +175,6 @@ class LocalFlightLock:
             except TimeoutError:
                 continue  # the lease or our patience ran out: the loop decides which
             return
+
+    async def aclose(self) -> None:
+        """Nothing to release: leases live in this object."""

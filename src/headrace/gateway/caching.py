@@ -121,6 +121,11 @@ class ResponseCacher:
     def cache(self) -> ResponseCache:
         return self._cache
 
+    async def aclose(self) -> None:
+        await self._cache.aclose()
+        if self._lock is not None:
+            await self._lock.aclose()
+
     # -- keys and policy --------------------------------------------------------------------
 
     def _namespace(self, call: Call) -> str:
