@@ -87,6 +87,11 @@ class _Broadcast:
             await self._changed.wait()
 
 
+async def _replay(stored: Mapping[str, Any]) -> AsyncGenerator[ChatChunk, None]:
+    for body in stored["chunks"]:
+        yield ChatChunk(body, Usage.from_openai(body.get("usage")) or None)
+
+
 def _cost_micro_usd(usage: Usage, price: Price) -> int:
     return (
         usage.prompt_tokens * price.input_per_mtok + usage.completion_tokens * price.output_per_mtok
@@ -151,20 +156,24 @@ class ResponseCacher:
     # -- backend access that never fails the request ------------------------------------------
 
     async def _read(self, call: Call, key: str) -> dict[str, Any] | None:
+        """The stored answer, or None; raises :class:`CacheUnavailableError` if it is down."""
         controls = call.controls.cache
         if controls.no_cache:
             return None
-        try:
-            entry = await self._cache.get(key)
-        except CacheUnavailableError as exc:
-            log.warning("cache_unavailable", error=str(exc))
-            return None
+        entry = await self._cache.get(key)  # CacheUnavailableError: the caller bypasses
         if entry is None:
             return None
         if controls.max_age_s is not None and self._clock() - entry.created_at > controls.max_age_s:
             return None
         stored: dict[str, Any] = orjson.loads(entry.value)
         return stored
+
+    async def _read_quietly(self, call: Call, key: str) -> dict[str, Any] | None:
+        try:
+            return await self._read(call, key)
+        except CacheUnavailableError as exc:
+            log.warning("cache_unavailable", error=str(exc))
+            return None
 
     async def _write(self, call: Call, request: ChatRequest, key: str, value: object) -> None:
         if call.controls.cache.no_store:
@@ -227,7 +236,12 @@ class ResponseCacher:
             if key is not None:
                 await self._write(call, request, key, self._json_value(call, response))
             return response
-        stored = await self._read(call, key)
+        try:
+            stored = await self._read(call, key)
+        except CacheUnavailableError as exc:
+            log.warning("cache_unavailable", error=str(exc))
+            self._outcome(call, BYPASS)
+            return await compute()
         if stored is not None:
             self._hit(call, stored)
             return ChatResponse(body=stored["body"], usage=Usage())
@@ -241,7 +255,7 @@ class ResponseCacher:
                 self._hit(call, {"usage": response.usage.to_openai()})
                 return ChatResponse(body=response.body, usage=Usage())
         if await self._lead_elsewhere(key):
-            stored = await self._read(call, key)
+            stored = await self._read_quietly(call, key)
             if stored is not None:
                 self._hit(call, stored)
                 return ChatResponse(body=stored["body"], usage=Usage())
@@ -290,25 +304,22 @@ class ResponseCacher:
         compute: Callable[[], AsyncGenerator[ChatChunk, None]],
     ) -> AsyncGenerator[ChatChunk, None]:
         key = self._key(call, request, "stream")
+        stored = None
+        if key is not None and not call.controls.cache.no_cache:
+            try:
+                stored = await self._read(call, key)
+            except CacheUnavailableError as exc:
+                log.warning("cache_unavailable", error=str(exc))
+                key = None  # neither read nor write a cache that is down
         if key is None or call.controls.cache.no_cache:
             self._outcome(call, BYPASS)
             async for chunk in self._stream_and_store(call, request, key, compute()):
                 yield chunk
             return
-        stored = await self._read(call, key)
-        if stored is None:
-            broadcast = self._stream_flights.get(key)
-            if broadcast is not None and not broadcast.done:
-                self._hit(call, {})
-                async for chunk in broadcast.follow():
-                    yield chunk
-                return
-            if await self._lead_elsewhere(key):
-                stored = await self._read(call, key)
-        if stored is not None:
-            self._hit(call, stored)
-            for body in stored["chunks"]:
-                yield ChatChunk(body, Usage.from_openai(body.get("usage")) or None)
+        existing = await self._existing_stream(call, key, stored)
+        if existing is not None:
+            async for chunk in existing:
+                yield chunk
             return
         self._outcome(call, MISS)
         broadcast = _Broadcast()
@@ -320,6 +331,22 @@ class ResponseCacher:
             if self._stream_flights.get(key) is broadcast:
                 del self._stream_flights[key]
             await self._release(key)
+
+    async def _existing_stream(
+        self, call: Call, key: str, stored: dict[str, Any] | None
+    ) -> AsyncGenerator[ChatChunk, None] | None:
+        """A stored transcript to replay, or a leader's live stream to follow; None: neither."""
+        if stored is None:
+            broadcast = self._stream_flights.get(key)
+            if broadcast is not None and not broadcast.done:
+                self._hit(call, {})
+                return broadcast.follow()
+            if await self._lead_elsewhere(key):
+                stored = await self._read_quietly(call, key)
+        if stored is None:
+            return None
+        self._hit(call, stored)
+        return _replay(stored)
 
     async def _stream_and_store(
         self,
