@@ -124,7 +124,9 @@ class RequestMiddleware:
         m = self.metrics
         m.requests.labels(path, str(status)).inc()
         m.request_duration.labels(path).observe(elapsed_ns / 1e9)
-        if call.deployment is not None:
+        if call.cache == "hit":
+            m.overhead.labels("cache_hit").observe(elapsed_ns / 1e9)
+        elif call.deployment is not None:
             m.overhead.labels("total").observe(max(0, elapsed_ns - call.upstream_ns) / 1e9)
         if self.access_log:
             usage = call.usage
