@@ -65,12 +65,23 @@ FallbackTrigger = Literal["transient", "context_length", "permanent"]
 _DEFAULT_FALLBACK_ON: tuple[FallbackTrigger, ...] = ("transient", "context_length")
 
 
+class SemanticCacheConfig(_Strict):
+    enabled: bool = False
+    threshold: float | None = Field(
+        None, gt=0, le=1, description="Cosine similarity to reuse an answer; default: measured."
+    )
+    embedding_model: str = Field(
+        "all-minilm-l6-v2", description="A configured model with the embeddings capability."
+    )
+
+
 class ModelCacheConfig(_Strict):
     enabled: bool = True
     ttl_s: float = Field(3600.0, gt=0)
     mode: Literal["deterministic", "all"] = Field(
         "deterministic", description="deterministic: only temperature 0 or seeded requests."
     )
+    semantic: SemanticCacheConfig = SemanticCacheConfig()
 
 
 class EmbeddingBatchConfig(_Strict):

@@ -9,18 +9,20 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
 from headrace.cache.base import FlightLock, ResponseCache
+from headrace.cache.semantic import DEFAULT_THRESHOLD, SemanticIndex
 from headrace.config import CacheConfig, DeploymentConfig, ModelConfig, Settings
-from headrace.domain import Deployment, ModelRoute, Price, Timeouts
+from headrace.domain import Call, Deployment, EmbeddingRequest, ModelRoute, Price, Timeouts
 from headrace.gateway.admission import Admission
 from headrace.gateway.auth import Authenticator, ensure_admin_key
 from headrace.gateway.caching import CachePolicy, ResponseCacher
+from headrace.gateway.semantic import SemanticCache, SemanticPolicy
 from headrace.gateway.service import GatewayService
 from headrace.observability.metrics import Metrics
 from headrace.providers import registry
@@ -70,6 +72,8 @@ class Runtime:
 
     async def start(self) -> None:
         await self.keys.start()
+        if self.gateway.cacher is not None:
+            await self.gateway.cacher.start()
         self.new_admin_secret = await ensure_admin_key(self.keys, self.data_dir, self.admin_secret)
         if self.new_admin_secret and self.announce_admin_key:
             self.announce_admin_key(self.new_admin_secret, self.data_dir)
@@ -166,8 +170,29 @@ CACHE_BACKENDS: Mapping[str, Callable[[CacheConfig], tuple[ResponseCache, Flight
 }
 
 
+def build_semantic(settings: Settings, router: Router) -> SemanticCache | None:
+    policies = {
+        model.name: SemanticPolicy(
+            threshold=model.cache.semantic.threshold or DEFAULT_THRESHOLD,
+            embedding_model=model.cache.semantic.embedding_model,
+            ttl_s=model.cache.ttl_s,
+        )
+        for model in settings.models
+        if model.cache.enabled and model.cache.semantic.enabled
+    }
+    if not policies:
+        return None
+
+    async def embed(model: str, text: str) -> Sequence[float]:
+        request = EmbeddingRequest(model=model, inputs=[text], body={"model": model})
+        response = await router.embed(Call(request_id="semantic-cache"), request)
+        return response.vectors[0]
+
+    return SemanticCache(SemanticIndex(settings.resolved_database_url), policies, embed)
+
+
 def build_cacher(
-    settings: Settings, routes: list[ModelRoute], metrics: Metrics
+    settings: Settings, routes: list[ModelRoute], metrics: Metrics, router: Router
 ) -> ResponseCacher | None:
     config = settings.cache
     if config.backend == "none":
@@ -190,6 +215,7 @@ def build_cacher(
         flight_lock=lock,
         shared_namespace=config.shared_across_teams,
         flight_timeout_s=config.flight_timeout_s,
+        semantic=build_semantic(settings, router),
     )
 
 
@@ -252,7 +278,7 @@ def build_runtime(settings: Settings, *, key_store: KeyStore | None = None) -> R
         max_wait_s=limits.max_wait_s,
         metrics=metrics,
     )
-    cacher = build_cacher(settings, routes, metrics)
+    cacher = build_cacher(settings, routes, metrics, router)
     optional: set[str] = set()
     if cacher is not None:
         readiness["cache"] = cacher.cache.check

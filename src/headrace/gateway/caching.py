@@ -36,6 +36,7 @@ from headrace.cache.base import (
 )
 from headrace.cache.keys import cache_key, is_deterministic
 from headrace.domain import Call, ChatChunk, ChatRequest, ChatResponse, Price, Usage
+from headrace.gateway.semantic import Probe, SemanticCache
 from headrace.observability.metrics import Metrics
 
 log = structlog.get_logger("headrace.cache")
@@ -109,8 +110,10 @@ class ResponseCacher:
         flight_lock: FlightLock | None = None,
         shared_namespace: bool = False,
         flight_timeout_s: float = 30.0,
+        semantic: SemanticCache | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._semantic = semantic
         self._cache = cache
         self._policies = policies
         self._metrics = metrics
@@ -126,8 +129,14 @@ class ResponseCacher:
     def cache(self) -> ResponseCache:
         return self._cache
 
+    async def start(self) -> None:
+        if self._semantic is not None:
+            await self._semantic.index.start()
+
     async def aclose(self) -> None:
         await self._cache.aclose()
+        if self._semantic is not None:
+            await self._semantic.index.aclose()
         if self._lock is not None:
             await self._lock.aclose()
 
@@ -203,6 +212,19 @@ class ResponseCacher:
             self._metrics.cache_saved_usd.inc(saved / 1_000_000)
         call.usage = Usage()  # nothing is billed for a hit
 
+    async def _semantic_probe(self, call: Call, request: ChatRequest, kind: str) -> Probe | None:
+        if self._semantic is None or call.controls.cache.no_cache:
+            return None
+        probe = await self._semantic.probe(self._namespace(call), kind, request)
+        if probe is not None and probe.value is not None:
+            self._hit(call, probe.value)
+            call.similarity = probe.similarity
+        return probe
+
+    async def _semantic_store(self, call: Call, probe: Probe | None, value: object) -> None:
+        if probe is not None and self._semantic is not None and not call.controls.cache.no_store:
+            await self._semantic.store(probe, value)
+
     async def _lead_elsewhere(self, key: str) -> bool:
         """With a cross-process lock: True if another process leads ``key`` (we waited)."""
         if self._lock is None:
@@ -242,24 +264,36 @@ class ResponseCacher:
             log.warning("cache_unavailable", error=str(exc))
             self._outcome(call, BYPASS)
             return await compute()
-        if stored is not None:
-            self._hit(call, stored)
-            return ChatResponse(body=stored["body"], usage=Usage())
-        leader = self._json_flights.get(key)
-        if leader is not None:
-            try:
-                response = await asyncio.wait_for(asyncio.shield(leader), self._flight_timeout_s)
-            except Exception as exc:  # the leader failed: serve this one ourselves
-                log.info("single_flight_leader_failed", error=type(exc).__name__)
-            else:
-                self._hit(call, {"usage": response.usage.to_openai()})
-                return ChatResponse(body=response.body, usage=Usage())
-        if await self._lead_elsewhere(key):
-            stored = await self._read_quietly(call, key)
-            if stored is not None:
-                self._hit(call, stored)
-                return ChatResponse(body=stored["body"], usage=Usage())
-        return await self._compute_json(call, request, key, compute)
+        existing = await self._existing_json(call, key, stored)
+        if existing is not None:
+            return existing
+        probe = await self._semantic_probe(call, request, "json")
+        if probe is not None and probe.value is not None:
+            return ChatResponse(body=probe.value["body"], usage=Usage())
+        return await self._compute_json(call, request, key, compute, probe)
+
+    async def _existing_json(
+        self, call: Call, key: str, stored: dict[str, Any] | None
+    ) -> ChatResponse | None:
+        """A stored answer, or a leader's (here or in another process); None: neither."""
+        if stored is None:
+            leader = self._json_flights.get(key)
+            if leader is not None:
+                try:
+                    response = await asyncio.wait_for(
+                        asyncio.shield(leader), self._flight_timeout_s
+                    )
+                except Exception as exc:  # the leader failed: serve this one ourselves
+                    log.info("single_flight_leader_failed", error=type(exc).__name__)
+                else:
+                    self._hit(call, {"usage": response.usage.to_openai()})
+                    return ChatResponse(body=response.body, usage=Usage())
+            if await self._lead_elsewhere(key):
+                stored = await self._read_quietly(call, key)
+        if stored is None:
+            return None
+        self._hit(call, stored)
+        return ChatResponse(body=stored["body"], usage=Usage())
 
     async def _compute_json(
         self,
@@ -267,6 +301,7 @@ class ResponseCacher:
         request: ChatRequest,
         key: str,
         compute: Callable[[], Awaitable[ChatResponse]],
+        probe: Probe | None = None,
     ) -> ChatResponse:
         self._outcome(call, MISS)
         flight: asyncio.Future[ChatResponse] = asyncio.get_running_loop().create_future()
@@ -280,7 +315,9 @@ class ResponseCacher:
         else:
             flight.set_result(response)
             if not call.degraded:
-                await self._write(call, request, key, self._json_value(call, response))
+                value = self._json_value(call, response)
+                await self._write(call, request, key, value)
+                await self._semantic_store(call, probe, value)
             return response
         finally:
             if self._json_flights.get(key) is flight:
@@ -317,6 +354,11 @@ class ResponseCacher:
                 yield chunk
             return
         existing = await self._existing_stream(call, key, stored)
+        probe = None
+        if existing is None:
+            probe = await self._semantic_probe(call, request, "stream")
+            if probe is not None and probe.value is not None:
+                existing = _replay(probe.value)
         if existing is not None:
             async for chunk in existing:
                 yield chunk
@@ -325,7 +367,10 @@ class ResponseCacher:
         broadcast = _Broadcast()
         self._stream_flights[key] = broadcast
         try:
-            async for chunk in self._stream_and_store(call, request, key, compute(), broadcast):
+            chunks = self._stream_and_store(
+                call, request, key, compute(), broadcast=broadcast, probe=probe
+            )
+            async for chunk in chunks:
                 yield chunk
         finally:
             if self._stream_flights.get(key) is broadcast:
@@ -354,7 +399,9 @@ class ResponseCacher:
         request: ChatRequest,
         key: str | None,
         chunks: AsyncGenerator[ChatChunk, None],
+        *,
         broadcast: _Broadcast | None = None,
+        probe: Probe | None = None,
     ) -> AsyncGenerator[ChatChunk, None]:
         bodies: list[dict[str, Any]] = []
         usage = Usage()
@@ -377,3 +424,4 @@ class ResponseCacher:
         if key is not None and not call.degraded:
             value = {"chunks": bodies, "usage": usage.to_openai(), "deployment": call.deployment}
             await self._write(call, request, key, value)
+            await self._semantic_store(call, probe, value)
