@@ -1,0 +1,290 @@
+"""The processes a benchmark runs: mock upstream, gateway and load generators.
+
+Every process is started in its own session (Ctrl-C reaches only this script, which then stops
+them in order) and registered on an :class:`contextlib.ExitStack`, so an exception, Ctrl-C or
+SIGTERM ends them all. Servers listen on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from _load import LoadResult, LoadSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+HEADRACE = str(VENV_BIN / "headrace")
+PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+LOAD_SCRIPT = str(Path(__file__).resolve().parent / "_load.py")
+ADMIN_KEY = "hr_bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+ALL_CORES = frozenset(range(os.cpu_count() or 1))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http(method: str, url: str, body: object = None, timeout_s: float = 5.0) -> bytes:
+    """A blocking request to a local control endpoint (health, faults, stats, metrics)."""
+    assert url.startswith("http://127.0.0.1:"), url
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        payload: bytes = response.read()
+        return payload
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSample:
+    """Cumulative CPU seconds (user + system, all threads) of one process."""
+
+    cpu_s: float
+
+    @staticmethod
+    def of(pid: int) -> CpuSample:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # After "pid (comm)": state is fields[0]; utime and stime are fields 14 and 15 of stat.
+        return CpuSample((int(fields[11]) + int(fields[12])) / CLK_TCK)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pin(pid: int, cores: frozenset[int]) -> None:
+    """Set the CPU affinity of every thread of ``pid``; threads started later inherit it."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cores)
+
+
+class Server:
+    """A started server process with its base URL; :meth:`stop` ends it."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        health: str,
+        log: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        env = {**os.environ, "HEADRACE_ADMIN_KEY": ADMIN_KEY, **(env or {})}
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        self.health = health
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            with contextlib.suppress(OSError):
+                http("GET", self.url + self.health, timeout_s=1.0)
+                return
+            time.sleep(0.1)
+        tail = self.log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{self.name} did not answer {self.health}; the end of its log:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+@dataclass(frozen=True, slots=True)
+class Code:
+    """Which Headrace source the servers run: the working tree (the installed editable
+    package), or a snapshot of ``src/`` at ``commit`` put first on their ``PYTHONPATH``."""
+
+    snapshot: Path | None = None
+    commit: str = ""
+
+    @staticmethod
+    def at(commit: str | None, workdir: Path) -> Code:
+        """The working tree, or ``src/`` of ``commit`` extracted into ``workdir`` (read-only
+        for the repository: ``git archive``, never a checkout)."""
+        if commit is None:
+            return Code()
+        sha = _git("rev-parse", "--short", commit)
+        if not sha:
+            raise RuntimeError(f"git does not know the commit {commit!r}")
+        with tempfile.TemporaryFile() as archive:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "archive", sha, "src"], check=True, stdout=archive
+            )
+            archive.seek(0)
+            with tarfile.open(fileobj=archive) as tar:
+                tar.extractall(workdir / "code", filter="data")
+        return Code(workdir / "code" / "src", sha)
+
+    def env(self) -> dict[str, str]:
+        return {"PYTHONPATH": str(self.snapshot)} if self.snapshot else {}
+
+    def describe(self) -> str:
+        if self.snapshot:
+            return f"Headrace at commit {self.commit} (src/ snapshot in {self.snapshot})"
+        commit = _git("rev-parse", "--short", "HEAD") or "unknown commit"
+        changed = len(_git("status", "--porcelain", "--", "src").splitlines())
+        dirty = f" plus {changed} uncommitted changed files in src/" if changed else ""
+        return f"Headrace working tree at {commit}{dirty}"
+
+
+def _git(*args: str) -> str:
+    """A read-only git query in the repository; empty when git or the repository is missing."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), *args], check=False, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Launcher:
+    """Starts servers from ``code`` with their files in ``workdir``; ``stack`` stops them."""
+
+    stack: contextlib.ExitStack
+    workdir: Path
+    code: Code
+
+    def _start(self, server: Server) -> Server:
+        self.stack.callback(server.stop)
+        server.wait_healthy()
+        return server
+
+    def mock(self) -> Server:
+        port = free_port()
+        argv = [HEADRACE, "mock-upstream", "--port", str(port), "--latency-ms", "0"]
+        log = self.workdir / "mock.log"
+        return self._start(Server("mock-upstream", argv, port, "/health", log, self.code.env()))
+
+    def gateway(self, name: str, config_yaml: str) -> Server:
+        """``headrace serve`` with ``config_yaml``; the access log goes to ``<name>.log``, as a
+        log shipper would read it."""
+        config = self.workdir / f"{name}.yaml"
+        config.write_text(config_yaml)
+        data_dir = self.workdir / f"{name}-data"
+        data_dir.mkdir(exist_ok=True)
+        port = free_port()
+        argv = [HEADRACE, "serve", "--config", str(config), "--port", str(port)]
+        env = {"HEADRACE_DATA_DIR": str(data_dir), **self.code.env()}
+        log = self.workdir / f"{name}.log"
+        return self._start(Server(name, argv, port, "/health/live", log, env))
+
+
+def mock_gateway_config(mock: Server, *, access_log: bool) -> str:
+    return f"""\
+log: {{access_log: {str(access_log).lower()}}}
+models:
+  - name: mock-model
+    deployments:
+      - provider: openai_compatible
+        model: mock-model
+        base_url: {mock.url}/v1
+"""
+
+
+def _read_event(proc: subprocess.Popen[str], deadline: float) -> dict[str, object]:
+    assert proc.stdout is not None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the load generator did not answer in time")
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if not ready:
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the load generator exited with status {proc.wait()}")
+        event: dict[str, object] = json.loads(line)
+        return event
+
+
+@contextlib.contextmanager
+def load_generator(spec: LoadSpec, timeout_s: float) -> Iterator[LoadHandle]:
+    """Start ``_load.py`` with ``spec``; yield once it is warm. See :class:`LoadHandle`.
+
+    ``timeout_s`` bounds the warm-up and each measured phase.
+    """
+    proc = subprocess.Popen(
+        [PYTHON, LOAD_SCRIPT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(asdict(spec)) + "\n")
+        proc.stdin.flush()
+        event = _read_event(proc, time.monotonic() + timeout_s)
+        assert event.get("event") == "warm", event
+        yield LoadHandle(proc, timeout_s)
+    finally:
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.close()  # the generator exits at the end of its input
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class LoadHandle:
+    """A warm load generator: each :meth:`run` is one measured phase and returns its result."""
+
+    def __init__(self, proc: subprocess.Popen[str], timeout_s: float) -> None:
+        self.proc = proc
+        self.timeout_s = timeout_s
+
+    def run(self) -> LoadResult:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        event = _read_event(self.proc, time.monotonic() + self.timeout_s)
+        assert event.pop("event") == "result", event
+        return LoadResult(**event)  # type: ignore[arg-type]
