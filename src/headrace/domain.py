@@ -236,6 +236,7 @@ class Principal:
     role: Role
     team_id: str | None = None
     allowed_models: frozenset[str] = frozenset()
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     def may_use(self, model: str) -> bool:
         """An empty ``allowed_models`` allows every model."""

@@ -145,3 +145,34 @@ async def test_admin_cache_stats_and_purge(gateway: GatewayFactory) -> None:
     metrics = (await client.get("/metrics")).text
     assert 'headrace_cache_requests_total{result="miss"}' in metrics
     assert "headrace_cache_bytes" in metrics
+
+
+async def test_a_key_can_turn_the_cache_off_or_widen_it(gateway: GatewayFactory) -> None:
+    import dataclasses
+
+    client, rt = await gateway()
+    off, everything = new_secret(), new_secret()
+    await rt.keys.put(
+        dataclasses.replace(
+            new_key(off, role=Role.USER, name="no cache"), metadata={"cache": "off"}
+        )
+    )
+    await rt.keys.put(
+        dataclasses.replace(
+            new_key(everything, role=Role.USER, name="cache all"), metadata={"cache": "all"}
+        )
+    )
+    for _ in range(2):
+        response = await client.post(
+            "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {off}"}
+        )
+        assert response.headers["x-headrace-cache"] == "bypass"
+    warm = {**BODY, "temperature": 0.9}
+    results = []
+    for _ in range(2):
+        response = await client.post(
+            "/v1/chat/completions", json=warm, headers={"Authorization": f"Bearer {everything}"}
+        )
+        results.append(response.headers["x-headrace-cache"])
+    assert results == ["miss", "hit"]
+    assert upstream_calls(rt) == 3

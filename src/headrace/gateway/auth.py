@@ -98,6 +98,7 @@ class Authenticator:
                     role=key.role,
                     team_id=key.team_id,
                     allowed_models=key.allowed_models,
+                    metadata=key.metadata,
                 )
             cached = _Cached(principal, now + self._ttl)
             if len(self._cache) > 100_000:

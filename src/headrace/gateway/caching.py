@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -51,6 +51,26 @@ class CachePolicy:
     enabled: bool = True
     ttl_s: float = 3600.0
     deterministic_only: bool = True
+
+    def for_key(self, metadata: Mapping[str, str]) -> CachePolicy:
+        """This policy as an API key narrows or widens it.
+
+        Key metadata ``cache``: ``off``, ``deterministic`` or ``all``; ``cache_ttl_s``: a
+        shorter or longer lifetime. Anything else leaves the model's policy as it is.
+        """
+        mode = metadata.get("cache")
+        ttl = metadata.get("cache_ttl_s")
+        policy = self
+        if mode == "off":
+            return replace(policy, enabled=False)
+        if mode in ("deterministic", "all"):
+            policy = replace(policy, enabled=True, deterministic_only=mode == "deterministic")
+        if ttl:
+            try:
+                policy = replace(policy, ttl_s=max(1.0, float(ttl)))
+            except ValueError:
+                log.warning("bad_key_cache_ttl", value=ttl)
+        return policy
 
 
 class _Broadcast:
@@ -150,8 +170,13 @@ class ResponseCacher:
             return "anonymous"
         return f"team:{principal.team_id}" if principal.team_id else f"key:{principal.key_id}"
 
-    def _key(self, call: Call, request: ChatRequest, kind: str) -> str | None:
+    def _policy(self, call: Call, request: ChatRequest) -> CachePolicy:
         policy = self._policies.get(request.model, CachePolicy())
+        principal = call.principal
+        return policy.for_key(principal.metadata) if principal and principal.metadata else policy
+
+    def _key(self, call: Call, request: ChatRequest, kind: str) -> str | None:
+        policy = self._policy(call, request)
         if not policy.enabled:
             return None
         if policy.deterministic_only and not is_deterministic(request.body):
@@ -187,7 +212,7 @@ class ResponseCacher:
     async def _write(self, call: Call, request: ChatRequest, key: str, value: object) -> None:
         if call.controls.cache.no_store:
             return
-        policy = self._policies.get(request.model, CachePolicy())
+        policy = self._policy(call, request)
         principal = call.principal
         entry = CacheEntry(
             value=orjson.dumps(value),
