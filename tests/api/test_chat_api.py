@@ -271,3 +271,40 @@ async def test_unreachable_upstream_is_503_and_fails_readiness(gateway: GatewayF
     assert body["status"] == "unavailable"
     assert body["checks"]["deployment:remote/0"]["status"] == "failed"
     assert body["checks"]["store"] == {"status": "ok"}
+
+
+async def test_priority_comes_from_the_header_or_the_key(gateway: GatewayFactory) -> None:
+    import dataclasses
+
+    from headrace.domain import Priority, Role
+    from headrace.gateway.auth import new_key, new_secret
+
+    client, rt = await gateway()
+    secret = new_secret()
+    key = dataclasses.replace(
+        new_key(secret, role=Role.USER, name="batch"), metadata={"priority": "low"}
+    )
+    await rt.keys.put(key)
+    seen: list[Priority] = []
+    original = rt.gateway._admission.slot  # type: ignore[attr-defined]
+
+    def spy(priority: Priority):  # type: ignore[no-untyped-def]
+        seen.append(priority)
+        return original(priority)
+
+    rt.gateway._admission.slot = spy  # type: ignore[attr-defined]
+    body = {"model": "echo", "messages": USER}
+    await client.post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
+    )
+    await client.post(
+        "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {secret}", "X-Headrace-Priority": "high"},
+    )
+    await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert seen == [Priority.LOW, Priority.HIGH, Priority.NORMAL]
+    bad = await client.post(
+        "/v1/chat/completions", json=body, headers={**AUTH, "X-Headrace-Priority": "urgent"}
+    )
+    assert bad.status_code == 400

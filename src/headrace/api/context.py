@@ -23,14 +23,17 @@ def call_of(request: Request) -> Call:
     return cast("Call", request.scope["state"]["call"])
 
 
-def controls(request: Request) -> RequestControls:
+def controls(request: Request, default_priority: str | None = None) -> RequestControls:
     """Read the gateway's request-control headers.
 
-    ``X-Headrace-Priority: high|normal|low``; ``X-Headrace-Fallbacks: none`` disables the
-    fallback chain (and the degraded answer), a comma-separated list of models narrows it.
+    ``X-Headrace-Priority: high|normal|low`` (default: the key's ``priority`` metadata, else
+    normal); ``X-Headrace-Fallbacks: none`` disables the fallback chain (and the degraded
+    answer), a comma-separated list of models narrows it.
     """
     headers = request.headers
     priority = Priority.NORMAL
+    if default_priority is not None and default_priority in Priority._value2member_map_:
+        priority = Priority(default_priority)
     raw = headers.get(PRIORITY_HEADER)
     if raw:
         try:
@@ -81,7 +84,7 @@ async def authenticated_call(request: Request) -> Call:
     call.principal = await runtime(request).authenticator.authenticate(
         request.headers.get("authorization")
     )
-    call.controls = controls(request)
+    call.controls = controls(request, call.principal.metadata.get("priority"))
     return call
 
 
