@@ -228,3 +228,24 @@ def test_unknown_fields_reach_the_upstream_untouched(
     assert seen["top_k"] == 7
     assert seen["logit_bias"] == {"42": -100}
     assert seen["model"] == "mock-model"
+
+
+def test_a_cached_stream_replays_through_the_sdk_parser(gateway: Server) -> None:
+    client = sync_client(gateway)
+    request = {
+        "model": "mock-model",
+        "messages": [{"role": "user", "content": "replay this stream please"}],
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    results = []
+    for _ in range(2):
+        with client.chat.completions.with_streaming_response.create(**request) as raw:
+            chunks = list(raw.parse())
+            results.append((raw.headers["x-headrace-cache"], chunks))
+    (first_state, live), (second_state, replay) = results
+    assert (first_state, second_state) == ("miss", "hit")
+    assert [c.model_dump() for c in replay] == [c.model_dump() for c in live]
+    assert replay[-1].usage is not None
+    assert "".join(c.choices[0].delta.content or "" for c in replay if c.choices)
