@@ -358,15 +358,19 @@ def steady_table(plan: Plan, result: Steady, goals: list[Goal]) -> Table:
     table.notes.append(f"faults A injected: {injected or 'none'}")
     for failure, count in load.failures().most_common():
         table.notes.append(f"failed: {count} x {failure}")
+    table.add(
+        "streams cut after output and resumed",
+        fmt(result.delta("headrace_stream_resumes_total"), 0),
+    )
     table.notes.append(
-        "a stream cut after its first chunk cannot be retried: the client already has output"
+        "a stream cut after output is resumed on B when B reproduces the text already sent"
     )
     if load.late_sends:
         table.notes.append(f"{load.late_sends} requests sent more than 50 ms late (load client)")
     table.notes.append("latency runs from the scheduled send to the last byte")
     table.notes.append(
-        f"A's 429s carry Retry-After {FAULT_MIX['retry_after_s']} s; a request whose attempt "
-        "on A got one waits that long before its retry on B"
+        f"A's 429s carry Retry-After {FAULT_MIX['retry_after_s']} s: A is parked that long, "
+        "and the retry goes to B at once"
     )
     return table
 
