@@ -310,8 +310,8 @@ def run(
     )
     table.notes.append(
         f"direct Llama threads (generation/batch): {direct.threads} (llama-cpp-python's "
-        "defaults); the gateway's provider sets both from options.n_threads (see "
-        "providers/local_chat.py for its default)"
+        "defaults); the gateway's provider: options.n_threads / n_threads_batch, by default "
+        "CPU count minus one / CPU count (providers/local_chat.py)"
     )
     if remote.cache_hits:
         table.notes.append(f"INVALID: {remote.cache_hits} answers came from the gateway's cache")
