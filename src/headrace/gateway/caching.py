@@ -375,8 +375,15 @@ class ResponseCacher:
                 key = None  # neither read nor write a cache that is down
         if key is None or call.controls.cache.no_cache:
             self._outcome(call, BYPASS)
-            async for chunk in self._stream_and_store(call, request, key, compute()):
-                yield chunk
+            # Nothing to store without a key: pass the stream through with no extra layer.
+            chunks = (
+                compute() if key is None else self._stream_and_store(call, request, key, compute())
+            )
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                await chunks.aclose()
             return
         existing = await self._existing_stream(call, key, stored)
         probe = None

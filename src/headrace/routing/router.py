@@ -213,12 +213,13 @@ class Router:
                 slot.breaker.cool_down(first.exhausted_for_s)
             splicer = Splicer(sent) if sent.started else None
             try:
-                async for chunk in _prepend(first, chunks):
+                chunk: ChatChunk | None = first
+                while chunk is not None:
                     out = chunk if splicer is None else splicer.feed(chunk)
-                    if out is None:
-                        continue
-                    sent.record(out)
-                    yield out
+                    if out is not None:
+                        sent.record(out)
+                        yield out
+                    chunk = await anext(chunks, None)
             except HeadraceError as exc:
                 # Output already reached the client: only a resumable stream may go on.
                 if not sent.resumable:
@@ -453,14 +454,6 @@ class _Plan:
             error=self._last_error.message if self._last_error else None,
         )
         return answer
-
-
-async def _prepend(
-    first: ChatChunk, rest: AsyncGenerator[ChatChunk, None]
-) -> AsyncGenerator[ChatChunk, None]:
-    yield first
-    async for chunk in rest:
-        yield chunk
 
 
 def _degraded_response(model: str, text: str) -> ChatResponse:
