@@ -8,18 +8,18 @@ requests, overhead = wall time minus upstream time) and one structured access-lo
 
 from __future__ import annotations
 
+import itertools
+import secrets
 import time
-import uuid
+from typing import Any
 
 import orjson
-import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from headrace.domain import Call
 from headrace.errors import PayloadTooLargeError
+from headrace.observability.access_log import AccessLog
 from headrace.observability.metrics import Metrics
-
-log = structlog.get_logger("headrace.access")
 
 _REQUEST_ID = b"x-request-id"
 _CONTENT_LENGTH = b"content-length"
@@ -39,7 +39,12 @@ class RequestMiddleware:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
-        self.access_log = access_log
+        self.access_log = AccessLog() if access_log else None
+        # Request ids: a random per-process prefix and a counter (unique across processes
+        # without a uuid4's getrandom call per request).
+        self._id_prefix = secrets.token_hex(10)
+        self._ids = itertools.count()
+        self._by_route: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,7 +58,7 @@ class RequestMiddleware:
                 request_id = value.decode("latin-1")[:200]
             elif name == _CONTENT_LENGTH and value.isdigit():
                 content_length = int(value)
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or f"{self._id_prefix}{next(self._ids):012x}"
         call = Call(request_id=request_id, started_ns=started)
         scope.setdefault("state", {})["call"] = call
         status = 500
@@ -119,30 +124,37 @@ class RequestMiddleware:
 
     def _finish(self, scope: Scope, call: Call, status: int) -> None:
         elapsed_ns = time.perf_counter_ns() - call.started_ns
-        route = scope.get("route")
-        path = getattr(route, "path", "unmatched")
+        route = scope.get("route")  # FastAPI's routes set it; the hot Starlette routes do not
+        path = getattr(route, "path", None) or (
+            scope["path"] if "endpoint" in scope else "unmatched"
+        )
         m = self.metrics
-        m.requests.labels(path, str(status)).inc()
-        m.request_duration.labels(path).observe(elapsed_ns / 1e9)
+        children = self._by_route.get((path, status))
+        if children is None:  # labels() takes a lock and builds a tuple: once per route/status
+            children = (m.requests.labels(path, str(status)), m.request_duration.labels(path))
+            self._by_route[(path, status)] = children
+        children[0].inc()
+        children[1].observe(elapsed_ns / 1e9)
         if call.cache == "hit":
             m.overhead.labels("cache_hit").observe(elapsed_ns / 1e9)
         elif call.deployment is not None:
             m.overhead.labels("total").observe(max(0, elapsed_ns - call.upstream_ns) / 1e9)
-        if self.access_log:
+        if self.access_log is not None:
             usage = call.usage
-            log.info(
-                "request",
-                request_id=call.request_id,
-                method=scope["method"],
-                route=path,
-                status=status,
-                latency_ms=round(elapsed_ns / 1e6, 3),
-                key_id=call.principal.key_id if call.principal else None,
-                model=call.model,
-                deployment=call.deployment,
-                attempts=call.attempts,
-                degraded=call.degraded,
-                cache=call.cache,
-                prompt_tokens=usage.prompt_tokens if usage else None,
-                completion_tokens=usage.completion_tokens if usage else None,
+            self.access_log.write(
+                {
+                    "request_id": call.request_id,
+                    "method": scope["method"],
+                    "route": path,
+                    "status": status,
+                    "latency_ms": round(elapsed_ns / 1e6, 3),
+                    "key_id": call.principal.key_id if call.principal else None,
+                    "model": call.model,
+                    "deployment": call.deployment,
+                    "attempts": call.attempts,
+                    "degraded": call.degraded,
+                    "cache": call.cache,
+                    "prompt_tokens": usage.prompt_tokens if usage else None,
+                    "completion_tokens": usage.completion_tokens if usage else None,
+                }
             )

@@ -134,6 +134,7 @@ class ResponseCacher:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._semantic = semantic
+        self._counters = {r: metrics.cache_requests.labels(r) for r in (HIT, MISS, BYPASS)}
         self._cache = cache
         self._policies = policies
         self._metrics = metrics
@@ -185,7 +186,7 @@ class ResponseCacher:
 
     def _outcome(self, call: Call, result: str) -> None:
         call.cache = result
-        self._metrics.cache_requests.labels(result).inc()
+        self._counters[result].inc()
 
     # -- backend access that never fails the request ------------------------------------------
 
