@@ -43,6 +43,13 @@ class TimeoutsConfig(_Strict):
 class PriceConfig(_Strict):
     input_per_mtok_usd: float = Field(0.0, ge=0)
     output_per_mtok_usd: float = Field(0.0, ge=0)
+    cached_input_per_mtok_usd: float | None = Field(None, ge=0)
+
+
+class PricingConfig(_Strict):
+    file: Path | None = Field(
+        None, description="A price table (YAML) that extends or overrides the shipped one."
+    )
 
 
 class RetryConfig(_Strict):
@@ -106,7 +113,9 @@ class DeploymentConfig(_Strict):
     max_concurrency: int | None = Field(
         None, ge=1, description="Requests in flight at once; beyond it the router skips it."
     )
-    price: PriceConfig | None = Field(None, description="USD per million tokens (cost_first).")
+    price: PriceConfig | None = Field(
+        None, description="USD per million tokens; default: the price table by model name."
+    )
     embedding_batch: EmbeddingBatchConfig = EmbeddingBatchConfig()
     options: dict[str, Any] = Field(default_factory=dict, description="Provider-specific.")
 
@@ -236,6 +245,7 @@ class Settings(BaseSettings):
     log: LogConfig = LogConfig()
     router: RouterConfig = RouterConfig()
     cache: CacheConfig = CacheConfig()
+    pricing: PricingConfig = PricingConfig()
     models: list[ModelConfig] = Field(default_factory=default_models)
 
     @model_validator(mode="after")

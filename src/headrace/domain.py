@@ -129,10 +129,30 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """What a deployment charges, in integer micro-dollars per million tokens."""
+    """What a deployment charges, in integer micro-dollars per million tokens.
+
+    ``cached_input_per_mtok``: for prompt tokens the upstream served from its prompt cache;
+    ``None`` bills them as ordinary input.
+    """
 
     input_per_mtok: int = 0
     output_per_mtok: int = 0
+    cached_input_per_mtok: int | None = None
+
+    def cost_micro_usd(self, usage: Usage) -> int:
+        """The cost of ``usage``, rounded half up to a whole micro-dollar."""
+        cached = min(usage.cached_tokens, usage.prompt_tokens)
+        cached_rate = (
+            self.input_per_mtok
+            if self.cached_input_per_mtok is None
+            else self.cached_input_per_mtok
+        )
+        total = (
+            (usage.prompt_tokens - cached) * self.input_per_mtok
+            + cached * cached_rate
+            + usage.completion_tokens * self.output_per_mtok
+        )
+        return (total + 500_000) // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,4 +285,5 @@ class Call:
     degraded: bool = False
     cache: str | None = None  # "hit", "miss" or "bypass" once the cache has looked
     similarity: float | None = None  # set on a semantic-cache hit
+    cost_micro_usd: int | None = None  # once the answer is complete
     started_ns: int = field(default_factory=time.perf_counter_ns)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import structlog
 
+from headrace.accounting.pricing import PriceTable
 from headrace.cache.base import FlightLock, ResponseCache
 from headrace.cache.semantic import DEFAULT_THRESHOLD, SemanticIndex
 from headrace.config import CacheConfig, DeploymentConfig, ModelConfig, Settings
@@ -90,7 +91,9 @@ class Runtime:
             await cacher.aclose()
 
 
-def _deployment(model: ModelConfig, index: int, config: DeploymentConfig) -> Deployment:
+def _deployment(
+    model: ModelConfig, index: int, config: DeploymentConfig, prices: PriceTable
+) -> Deployment:
     api_key = None
     if config.api_key_env:
         api_key = os.environ.get(config.api_key_env)
@@ -112,9 +115,14 @@ def _deployment(model: ModelConfig, index: int, config: DeploymentConfig) -> Dep
         timeouts=Timeouts(connect_s=t.connect_s, first_token_s=t.first_token_s, total_s=t.total_s),
         weight=config.weight,
         max_concurrency=config.max_concurrency,
-        price=Price(
-            input_per_mtok=_micro_usd(price.input_per_mtok_usd) if price else 0,
-            output_per_mtok=_micro_usd(price.output_per_mtok_usd) if price else 0,
+        price=prices.lookup(config.model)
+        if price is None
+        else Price(
+            input_per_mtok=_micro_usd(price.input_per_mtok_usd),
+            output_per_mtok=_micro_usd(price.output_per_mtok_usd),
+            cached_input_per_mtok=None
+            if price.cached_input_per_mtok_usd is None
+            else _micro_usd(price.cached_input_per_mtok_usd),
         ),
         options=dict(config.options),
     )
@@ -220,10 +228,11 @@ def build_cacher(
 
 
 def build_routes(settings: Settings) -> list[ModelRoute]:
+    prices = PriceTable.load(settings.pricing.file)
     return [
         ModelRoute(
             name=model.name,
-            deployments=[_deployment(model, i, d) for i, d in enumerate(model.deployments)],
+            deployments=[_deployment(model, i, d, prices) for i, d in enumerate(model.deployments)],
             capabilities=frozenset(model.capabilities),
         )
         for model in settings.models
@@ -284,7 +293,14 @@ def build_runtime(settings: Settings, *, key_store: KeyStore | None = None) -> R
         readiness["cache"] = cacher.cache.check
         optional.add("cache")  # a cache that is down is bypassed, not fatal
     return Runtime(
-        gateway=GatewayService(catalog, router, admission, metrics, cacher),
+        gateway=GatewayService(
+            catalog,
+            router,
+            admission,
+            metrics,
+            cacher,
+            prices={d.name: d.price for route in routes for d in route.deployments},
+        ),
         authenticator=authenticator,
         metrics=metrics,
         keys=keys,

@@ -176,3 +176,28 @@ async def test_a_key_can_turn_the_cache_off_or_widen_it(gateway: GatewayFactory)
         results.append(response.headers["x-headrace-cache"])
     assert results == ["miss", "hit"]
     assert upstream_calls(rt) == 3
+
+
+async def test_cost_header_and_metric(gateway: GatewayFactory) -> None:
+    from headrace.config import DeploymentConfig, ModelConfig, PriceConfig
+
+    priced = [
+        ModelConfig(
+            name="echo",
+            deployments=[
+                DeploymentConfig(
+                    provider="echo",
+                    model="e",
+                    price=PriceConfig(input_per_mtok_usd=2.5, output_per_mtok_usd=10),
+                )
+            ],
+        )
+    ]
+    client, _ = await gateway(models=priced)
+    first = await post(client)  # 2 prompt + 2 completion words: 5 + 20 micro-dollars
+    assert first.headers["x-headrace-cost-usd"] == "0.000025"
+    hit = await post(client)
+    assert hit.headers["x-headrace-cost-usd"] == "0.000000"
+    metrics = (await client.get("/metrics")).text
+    assert 'headrace_cost_usd_total{key="admin-env",model="echo"} 2.5e-05' in metrics
+    assert "headrace_cache_saved_cost_usd_total 2.5e-05" in metrics

@@ -32,6 +32,25 @@ def _too_large(limit: int) -> PayloadTooLargeError:
     )
 
 
+def _gateway_headers(call: Call) -> list[tuple[bytes, bytes]]:
+    """What the gateway did, for the response headers (``X-Request-Id``, ``X-Headrace-*``)."""
+    headers = [(b"x-request-id", call.request_id.encode("latin-1"))]
+    if call.model:
+        headers.append((b"x-headrace-model", call.model.encode()))
+    if call.deployment:
+        headers.append((b"x-headrace-deployment", call.deployment.encode()))
+        headers.append((b"x-headrace-attempts", str(call.attempts).encode()))
+    if call.degraded:
+        headers.append((b"x-headrace-degraded", b"true"))
+    if call.cost_micro_usd is not None:
+        headers.append((b"x-headrace-cost-usd", f"{call.cost_micro_usd / 1e6:.6f}".encode()))
+    if call.cache is not None:
+        headers.append((b"x-headrace-cache", call.cache.encode()))
+    if call.similarity is not None:
+        headers.append((b"x-headrace-cache-similarity", f"{call.similarity:.4f}".encode()))
+    return headers
+
+
 class RequestMiddleware:
     def __init__(
         self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, access_log: bool
@@ -68,21 +87,7 @@ class RequestMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = message.setdefault("headers", [])
-                headers.append((b"x-request-id", request_id.encode("latin-1")))
-                if call.model:
-                    headers.append((b"x-headrace-model", call.model.encode()))
-                if call.deployment:
-                    headers.append((b"x-headrace-deployment", call.deployment.encode()))
-                    headers.append((b"x-headrace-attempts", str(call.attempts).encode()))
-                if call.degraded:
-                    headers.append((b"x-headrace-degraded", b"true"))
-                if call.cache is not None:
-                    headers.append((b"x-headrace-cache", call.cache.encode()))
-                if call.similarity is not None:
-                    headers.append(
-                        (b"x-headrace-cache-similarity", f"{call.similarity:.4f}".encode())
-                    )
+                message.setdefault("headers", []).extend(_gateway_headers(call))
             await send(message)
 
         received = 0
@@ -154,6 +159,9 @@ class RequestMiddleware:
                     "attempts": call.attempts,
                     "degraded": call.degraded,
                     "cache": call.cache,
+                    "cost_usd": None
+                    if call.cost_micro_usd is None
+                    else call.cost_micro_usd / 1_000_000,
                     "prompt_tokens": usage.prompt_tokens if usage else None,
                     "completion_tokens": usage.completion_tokens if usage else None,
                 }

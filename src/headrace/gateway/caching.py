@@ -113,12 +113,6 @@ async def _replay(stored: Mapping[str, Any]) -> AsyncGenerator[ChatChunk, None]:
         yield ChatChunk(body, Usage.from_openai(body.get("usage")) or None)
 
 
-def _cost_micro_usd(usage: Usage, price: Price) -> int:
-    return (
-        usage.prompt_tokens * price.input_per_mtok + usage.completion_tokens * price.output_per_mtok
-    ) // 1_000_000
-
-
 class ResponseCacher:
     def __init__(
         self,
@@ -233,10 +227,11 @@ class ResponseCacher:
         self._outcome(call, HIT)
         usage = Usage.from_openai(stored.get("usage")) or Usage()
         price = self._prices.get(str(stored.get("deployment")), Price())
-        saved = _cost_micro_usd(usage, price)
+        saved = price.cost_micro_usd(usage)
         if saved:
             self._metrics.cache_saved_usd.inc(saved / 1_000_000)
         call.usage = Usage()  # nothing is billed for a hit
+        call.cost_micro_usd = 0
 
     async def _semantic_probe(self, call: Call, request: ChatRequest, kind: str) -> Probe | None:
         if self._semantic is None or call.controls.cache.no_cache:

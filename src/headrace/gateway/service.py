@@ -9,7 +9,7 @@ points and :class:`~headrace.domain.Call` stay the same.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 
 from headrace.domain import (
     Call,
@@ -18,6 +18,7 @@ from headrace.domain import (
     ChatResponse,
     EmbeddingRequest,
     EmbeddingResponse,
+    Price,
     Usage,
 )
 from headrace.errors import HeadraceError, PermissionDeniedError
@@ -36,7 +37,10 @@ class GatewayService:
         admission: Admission,
         metrics: Metrics,
         cacher: ResponseCacher | None = None,
+        *,
+        prices: Mapping[str, Price] | None = None,
     ) -> None:
+        self._prices = prices or {}
         self._catalog = catalog
         self._router = router
         self._admission = admission
@@ -63,7 +67,20 @@ class GatewayService:
             )
         call.model = model
 
+    def _charge(self, call: Call, usage: Usage) -> None:
+        """Price the answer by the deployment that gave it; a degraded answer is free."""
+        if call.degraded or call.deployment is None:
+            call.cost_micro_usd = 0
+            return
+        cost = self._prices.get(call.deployment, Price()).cost_micro_usd(usage)
+        call.cost_micro_usd = cost
+        if cost:
+            key = call.principal.key_id if call.principal else ""
+            self._metrics.cost.labels(key, call.model or "").inc(cost / 1_000_000)
+
     def _record(self, call: Call, operation: str, usage: Usage, error: str = "") -> None:
+        if not error:
+            self._charge(call, usage)
         model = call.model or ""
         self._metrics.operation_duration.labels(operation, model, error).observe(
             call.upstream_ns / 1e9

@@ -129,6 +129,12 @@ class Metrics:
             "headrace_admission_queue", "Requests waiting for a serving slot.", registry=r
         )
 
+        self.cost = Counter(
+            "headrace_cost_usd",
+            "What answers cost upstream, by API key and model (cache hits cost nothing).",
+            ["key", "model"],
+            registry=r,
+        )
         self.cache_requests = Counter(
             "headrace_cache_requests",
             "Cache lookups by result (hit, miss, bypass).",
