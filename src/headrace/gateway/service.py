@@ -9,7 +9,8 @@ points and :class:`~headrace.domain.Call` stay the same.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from typing import TypeVar
 
 from headrace.domain import (
     Call,
@@ -27,6 +28,8 @@ from headrace.gateway.caching import HIT, ResponseCacher
 from headrace.observability.metrics import Metrics
 from headrace.routing.catalog import Catalog
 from headrace.routing.router import Router
+
+_Answer = TypeVar("_Answer", ChatResponse, EmbeddingResponse)
 
 
 class GatewayService:
@@ -99,17 +102,23 @@ class GatewayService:
         return await self._cacher.chat(call, request, lambda: self._upstream_chat(call, request))
 
     async def _upstream_chat(self, call: Call, request: ChatRequest) -> ChatResponse:
+        return await self._upstream(call, "chat", lambda: self._router.chat(call, request))
+
+    async def _upstream(
+        self, call: Call, operation: str, work: Callable[[], Awaitable[_Answer]]
+    ) -> _Answer:
+        """Admit, time and account one non-streamed upstream answer (``work`` starts it)."""
         async with self._admission.slot(call.controls.priority):
             started = time.perf_counter_ns()
             try:
-                response = await self._router.chat(call, request)
+                response = await work()
             except HeadraceError as exc:
                 call.upstream_ns += time.perf_counter_ns() - started
-                self._record(call, "chat", Usage(), type(exc).__name__)
+                self._record(call, operation, Usage(), type(exc).__name__)
                 raise
             call.upstream_ns += time.perf_counter_ns() - started
         call.usage = response.usage
-        self._record(call, "chat", response.usage)
+        self._record(call, operation, response.usage)
         return response
 
     async def stream_chat(
@@ -175,15 +184,4 @@ class GatewayService:
 
     async def embed(self, call: Call, request: EmbeddingRequest) -> EmbeddingResponse:
         self._admit(call, request.model, "embeddings")
-        async with self._admission.slot(call.controls.priority):
-            started = time.perf_counter_ns()
-            try:
-                response = await self._router.embed(call, request)
-            except HeadraceError as exc:
-                call.upstream_ns += time.perf_counter_ns() - started
-                self._record(call, "embeddings", Usage(), type(exc).__name__)
-                raise
-            call.upstream_ns += time.perf_counter_ns() - started
-        call.usage = response.usage
-        self._record(call, "embeddings", response.usage)
-        return response
+        return await self._upstream(call, "embeddings", lambda: self._router.embed(call, request))

@@ -11,6 +11,14 @@ import asyncio
 
 import aiohttp
 
+from headrace.domain import Deployment
+from headrace.errors import (
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+
 
 class SessionPool:
     """Hands out the current loop's :class:`aiohttp.ClientSession`, creating it on first use."""
@@ -45,3 +53,22 @@ class SessionPool:
         session = self._sessions.pop(loop, None)
         if session is not None and not session.closed:
             await session.close()
+
+
+def transport_error(deployment: Deployment, base_url: str, exc: BaseException) -> UpstreamError:
+    """The error for an aiohttp or timeout failure talking to ``deployment`` (no credentials)."""
+    name = deployment.name
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeoutError(
+            f"Deployment {name!r} did not answer within its timeout "
+            f"({deployment.timeouts.total_s:g} s total).",
+            deployment=name,
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ClientOSError):
+        return UpstreamUnavailableError(
+            f"Could not connect to deployment {name!r} at {base_url}: {exc.__class__.__name__}.",
+            deployment=name,
+        )
+    return UpstreamStatusError(
+        f"Deployment {name!r} broke the connection: {exc.__class__.__name__}.", deployment=name
+    )

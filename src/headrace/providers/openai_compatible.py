@@ -32,6 +32,7 @@ from headrace.errors import (
     UpstreamUnavailableError,
 )
 from headrace.providers.hints import parse_rate_limit_hints
+from headrace.providers.http import transport_error
 from headrace.providers.registry import ProviderContext
 
 _DATA = b"data:"
@@ -126,23 +127,7 @@ class OpenAICompatibleProvider:
         raise UpstreamStatusError(message, deployment=name, upstream_status=status)
 
     def _transport_error(self, exc: BaseException) -> NoReturn:
-        name = self._deployment.name
-        if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-            raise UpstreamTimeoutError(
-                f"Deployment {name!r} did not answer within its timeout "
-                f"({self._deployment.timeouts.total_s:g} s total).",
-                deployment=name,
-            ) from exc
-        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ClientOSError):
-            raise UpstreamUnavailableError(
-                f"Could not connect to deployment {name!r} at {self._base}: "
-                f"{exc.__class__.__name__}.",
-                deployment=name,
-            ) from exc
-        raise UpstreamStatusError(
-            f"Deployment {name!r} broke the connection: {exc.__class__.__name__}.",
-            deployment=name,
-        ) from exc
+        raise transport_error(self._deployment, self._base, exc) from exc
 
     def _invalid_json(self, exc: BaseException) -> NoReturn:
         raise UpstreamStatusError(
