@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy
 
 from headrace.api import create_app
 from headrace.config import DeploymentConfig, ModelConfig, Settings
-from headrace.store.memory import MemoryKeyStore
+from headrace.store.memory import MemoryStore
 from headrace.wiring import Runtime, build_runtime
 
 ADMIN_KEY = "hr_test-admin-key"
@@ -52,7 +54,7 @@ async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     started: list[tuple[httpx.AsyncClient, Runtime]] = []
 
     async def factory(**overrides: Any) -> tuple[httpx.AsyncClient, Runtime]:
-        rt = build_runtime(make_settings(tmp_path, **overrides), key_store=MemoryKeyStore())
+        rt = build_runtime(make_settings(tmp_path, **overrides), store=MemoryStore())
         app = create_app(rt)
         await rt.start()
         client = httpx.AsyncClient(
@@ -75,3 +77,49 @@ def database_url() -> str | None:
 @pytest.fixture
 def redis_url() -> str | None:
     return os.environ.get("HEADRACE_TEST_REDIS_URL")
+
+
+@pytest.fixture
+def fresh_database_url(database_url: str | None) -> Iterator[str]:
+    """A new, empty PostgreSQL database for this test alone (dropped afterwards), as a URL.
+
+    Created on the server of ``HEADRACE_TEST_DATABASE_URL`` as ``hr_test_<random hex>``, from
+    ``template0`` (which nobody can be connected to, so concurrent creations never collide);
+    the URL keeps the credentials and uses ``postgresql+psycopg``. Skips when the variable is
+    unset. The drop forces out any connection the test left open.
+    """
+    if not database_url:
+        pytest.skip("set HEADRACE_TEST_DATABASE_URL to run against PostgreSQL")
+    server = sqlalchemy.make_url(database_url).set(drivername="postgresql+psycopg")
+    name = f"hr_test_{uuid.uuid4().hex}"
+    admin = _admin_engine(server)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        try:
+            yield server.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
+
+
+def _admin_engine(server: sqlalchemy.URL) -> sqlalchemy.Engine:
+    """An AUTOCOMMIT engine on the URL's database, or on ``postgres`` if that one is missing."""
+    try:
+        return _checked_engine(server)
+    except sqlalchemy.exc.OperationalError:
+        return _checked_engine(server.set(database="postgres"))
+
+
+def _checked_engine(url: sqlalchemy.URL) -> sqlalchemy.Engine:
+    engine = sqlalchemy.create_engine(
+        url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.NullPool
+    )
+    try:
+        with engine.connect():
+            return engine
+    except BaseException:
+        engine.dispose()
+        raise

@@ -8,32 +8,23 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from headrace.domain import Role
 from headrace.gateway.auth import hash_secret, new_key, new_secret
 from headrace.store.base import KeyStore
-from headrace.store.memory import MemoryKeyStore
-from headrace.store.sql import SqlKeyStore, api_keys
+from headrace.store.memory import MemoryStore
+from headrace.store.sql import SqlStore
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, database_url: str | None
-) -> AsyncIterator[KeyStore]:
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[KeyStore]:
     backend: KeyStore
     if request.param == "memory":
-        backend = MemoryKeyStore()
+        backend = MemoryStore()
     elif request.param == "sqlite":
-        backend = SqlKeyStore(f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}")
+        backend = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}")
     else:
-        if not database_url:
-            pytest.skip("set HEADRACE_TEST_DATABASE_URL to run against PostgreSQL")
-        engine = create_async_engine(database_url)
-        async with engine.begin() as conn:
-            await conn.run_sync(lambda c: api_keys.drop(c, checkfirst=True))
-        await engine.dispose()
-        backend = SqlKeyStore(database_url)
+        backend = SqlStore(request.getfixturevalue("fresh_database_url"))
     await backend.start()
     yield backend
     await backend.aclose()
@@ -75,7 +66,7 @@ async def test_check_succeeds_when_reachable(store: KeyStore) -> None:
 
 
 async def test_unreachable_database_fails_its_check() -> None:
-    bad = SqlKeyStore("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    bad = SqlStore("postgresql+psycopg://nobody@127.0.0.1:1/none")
     with pytest.raises(sqlalchemy.exc.OperationalError):
         await bad.check()
     await bad.aclose()

@@ -13,7 +13,7 @@ from headrace.gateway.auth import (
     new_key,
     new_secret,
 )
-from headrace.store.memory import MemoryKeyStore
+from headrace.store.memory import MemoryStore
 
 
 class Clock:
@@ -25,7 +25,7 @@ class Clock:
 
 
 async def test_generated_admin_key_is_stored_hashed_and_saved_owner_only(tmp_path: Path) -> None:
-    store = MemoryKeyStore()
+    store = MemoryStore()
     secret = await ensure_admin_key(store, tmp_path, None)
     assert secret is not None
     assert secret.startswith("hr_")
@@ -42,7 +42,7 @@ async def test_generated_admin_key_is_stored_hashed_and_saved_owner_only(tmp_pat
 
 
 async def test_fixed_admin_key_from_the_environment(tmp_path: Path) -> None:
-    store = MemoryKeyStore()
+    store = MemoryStore()
     assert await ensure_admin_key(store, tmp_path, "hr_fixed") is None
     assert not (tmp_path / ADMIN_KEY_FILE).exists()
     principal = await Authenticator(store).authenticate("Bearer hr_fixed")
@@ -61,11 +61,11 @@ async def test_fixed_admin_key_from_the_environment(tmp_path: Path) -> None:
 )
 async def test_refusals(header: str | None, fragment: str) -> None:
     with pytest.raises(AuthenticationError, match=fragment.replace("*", r"\*")):
-        await Authenticator(MemoryKeyStore()).authenticate(header)
+        await Authenticator(MemoryStore()).authenticate(header)
 
 
 async def test_revoked_key_is_refused_once_the_cache_expires() -> None:
-    store = MemoryKeyStore()
+    store = MemoryStore()
     secret = new_secret()
     key = new_key(secret, role=Role.USER, name="team a")
     await store.put(key)
@@ -81,7 +81,7 @@ async def test_revoked_key_is_refused_once_the_cache_expires() -> None:
 
 
 async def test_forget_drops_cached_lookups_at_once() -> None:
-    store = MemoryKeyStore()
+    store = MemoryStore()
     secret = new_secret()
     key = new_key(secret, role=Role.USER, name="x")
     await store.put(key)
@@ -94,5 +94,5 @@ async def test_forget_drops_cached_lookups_at_once() -> None:
 
 
 async def test_disabled_auth_lets_everyone_in() -> None:
-    principal = await Authenticator(MemoryKeyStore(), enabled=False).authenticate(None)
+    principal = await Authenticator(MemoryStore(), enabled=False).authenticate(None)
     assert principal.key_id == "anonymous"

@@ -1,1 +1,1 @@
-"""Durable state: API keys now; usage, jobs, batches and files as later issues add them."""
+"""Durable state: keys, teams and usage (:mod:`.base`), in SQL (:mod:`.sql`) or memory."""

@@ -1,38 +1,140 @@
-"""In-memory key store: the test fake, and the store when persistence is switched off."""
+"""The in-memory store: the test fake, and the store when persistence is switched off.
+
+Same contract as :class:`headrace.store.sql.SqlStore`, down to the per-day aggregates that
+usage summaries and budgets read (see :mod:`headrace.store.aggregates`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
 
-from headrace.domain import ApiKey
+from headrace.domain import ApiKey, Team, UsageRecord
+from headrace.store.aggregates import NO_TEAM, DailyKey, DailyTotals, aggregate, utc_day
+from headrace.store.base import GroupBy, UsageRow
+
+_FIELD = {"day": 0, "key": 1, "team": 2, "model": 3}  # GroupBy -> position in a DailyKey
 
 
-class MemoryKeyStore:
+class MemoryStore:
     def __init__(self) -> None:
-        self._by_id: dict[str, ApiKey] = {}
+        self._keys: dict[str, ApiKey] = {}
+        self._teams: dict[str, Team] = {}
+        self._records: dict[str, UsageRecord] = {}
+        self._daily: dict[DailyKey, DailyTotals] = {}
 
     async def start(self) -> None:
         return None
-
-    async def get_by_hash(self, secret_hash: str) -> ApiKey | None:
-        return next((k for k in self._by_id.values() if k.secret_hash == secret_hash), None)
-
-    async def put(self, key: ApiKey) -> None:
-        self._by_id[key.id] = key
-
-    async def list_keys(self) -> Sequence[ApiKey]:
-        return sorted(self._by_id.values(), key=lambda k: k.created_at)
-
-    async def revoke(self, key_id: str) -> bool:
-        key = self._by_id.get(key_id)
-        if key is None:
-            return False
-        self._by_id[key_id] = dataclasses.replace(key, revoked=True)
-        return True
 
     async def check(self) -> None:
         return None
 
     async def aclose(self) -> None:
         return None
+
+    # -- keys -------------------------------------------------------------------------------
+
+    async def get_by_hash(self, secret_hash: str) -> ApiKey | None:
+        return next((k for k in self._keys.values() if k.secret_hash == secret_hash), None)
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        return self._keys.get(key_id)
+
+    async def put(self, key: ApiKey) -> None:
+        self._keys[key.id] = key
+
+    async def list_keys(self, team_id: str | None = None) -> Sequence[ApiKey]:
+        keys = [k for k in self._keys.values() if team_id is None or k.team_id == team_id]
+        return sorted(keys, key=lambda k: (k.created_at, k.id))
+
+    async def revoke(self, key_id: str) -> bool:
+        key = self._keys.get(key_id)
+        if key is None:
+            return False
+        self._keys[key_id] = dataclasses.replace(key, revoked=True)
+        return True
+
+    # -- teams ------------------------------------------------------------------------------
+
+    async def get_team(self, team_id: str) -> Team | None:
+        return self._teams.get(team_id)
+
+    async def put_team(self, team: Team) -> None:
+        self._teams[team.id] = team
+
+    async def list_teams(self) -> Sequence[Team]:
+        return sorted(self._teams.values(), key=lambda t: (t.created_at, t.id))
+
+    async def delete_team(self, team_id: str) -> bool:
+        if team_id not in self._teams:
+            return False
+        owned = sum(1 for k in self._keys.values() if k.team_id == team_id)
+        if owned:
+            raise ValueError(
+                f"team {team_id!r} still owns {owned} key(s): move or delete them first"
+            )
+        del self._teams[team_id]
+        return True
+
+    # -- usage ------------------------------------------------------------------------------
+
+    async def write_usage(self, records: Sequence[UsageRecord]) -> int:
+        new: list[UsageRecord] = []
+        for record in records:
+            if record.id not in self._records:
+                self._records[record.id] = record
+                new.append(record)
+        for key, totals in aggregate(new).items():
+            self._daily.setdefault(key, DailyTotals()).merge(totals)
+        return len(new)
+
+    async def usage_summary(
+        self,
+        group_by: Sequence[GroupBy],
+        *,
+        since_day: str | None = None,
+        until_day: str | None = None,
+        team_id: str | None = None,
+        key_id: str | None = None,
+        model: str | None = None,
+    ) -> Sequence[UsageRow]:
+        fields = list(dict.fromkeys(group_by))
+        groups: dict[tuple[str, ...], DailyTotals] = {}
+        for daily_key, totals in self._daily.items():
+            day, key, team, name = daily_key
+            if (
+                (since_day is not None and day < since_day)
+                or (until_day is not None and day > until_day)
+                or (team_id is not None and team != team_id)
+                or (key_id is not None and key != key_id)
+                or (model is not None and name != model)
+            ):
+                continue
+            group = tuple(daily_key[_FIELD[f]] for f in fields)
+            groups.setdefault(group, DailyTotals()).merge(totals)
+        rows = []
+        for group, totals in sorted(groups.items()):
+            named: dict[str, str | None] = dict(zip(fields, group, strict=True))
+            grouped_team = named.get("team")
+            rows.append(
+                UsageRow(
+                    day=named.get("day"),
+                    key_id=named.get("key"),
+                    team_id=None if grouped_team == NO_TEAM else grouped_team,
+                    model=named.get("model"),
+                    **dataclasses.asdict(totals),
+                )
+            )
+        return rows
+
+    async def spend_since(self, *, key_id: str | None, team_id: str | None, since: float) -> int:
+        first_day = utc_day(since)
+        return sum(
+            totals.cost_micro_usd
+            for (day, key, team, _), totals in self._daily.items()
+            if day >= first_day
+            and (key == key_id if key_id is not None else team_id is None or team == team_id)
+        )
+
+    async def count_usage_records(self) -> int:
+        return len(self._records)

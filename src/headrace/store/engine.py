@@ -1,0 +1,69 @@
+"""The async engine the SQL store and the migrations share: SQLite (WAL) or PostgreSQL.
+
+SQLite goes through aiosqlite with the WAL journal (readers never wait for the writer) and
+real transactions: pysqlite's legacy mode would run DDL outside any transaction, so a
+migration that failed half way would leave a half-changed schema behind. PostgreSQL goes
+through psycopg 3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+# Execution options for a connection whose transaction writes first thing (migrations): on
+# SQLite it takes the write lock at BEGIN, so two of them queue instead of one failing with
+# "database is locked" half way. Ignored by PostgreSQL.
+SQLITE_BEGIN_IMMEDIATE = {"sqlite_begin": "BEGIN IMMEDIATE"}
+
+_ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
+
+
+def async_url(url: str) -> URL:
+    """``url`` with the async driver Headrace uses when none is named.
+
+    ``postgresql://`` (and ``postgres://``) become ``postgresql+psycopg://``, ``sqlite://``
+    becomes ``sqlite+aiosqlite://``; a URL that names a driver is kept as it is.
+    """
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")
+    parsed = make_url(url)
+    if "+" not in parsed.drivername and parsed.drivername in _ASYNC_DRIVERS:
+        parsed = parsed.set(drivername=_ASYNC_DRIVERS[parsed.drivername])
+    return parsed
+
+
+def is_sqlite(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite"
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An engine for ``url``; for a SQLite file, its directory is created if missing."""
+    parsed = async_url(url)
+    if not is_sqlite(parsed):
+        return create_async_engine(parsed, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(parsed)
+    event.listen(engine.sync_engine, "connect", _sqlite_connect)
+    event.listen(engine.sync_engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # SQLAlchemy's documented recipe for transactional DDL on (aio)sqlite: switch the driver's
+    # own transaction handling off and emit BEGIN ourselves (see _sqlite_begin).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
