@@ -1,0 +1,1 @@
+"""Rate limits, parallel-request limits and budget counters: reserve before a call, settle after."""

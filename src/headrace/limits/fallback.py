@@ -1,0 +1,88 @@
+"""A shared limiter that degrades to a local one while its backend is unreachable.
+
+With Redis down, each gateway process keeps limiting on its own (a key's N processes then
+admit up to N times its limit) instead of refusing all traffic; ``/health/ready`` reports the
+limiter as degraded meanwhile. After ``retry_after_s`` the shared backend is tried again. A
+request settles on the backend that admitted it. ``on_backend_down="refuse"`` in the settings
+skips this wrapper: requests then fail with 503 while the backend is down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from headrace.limits.base import Decision, Demand, Limiter, LimiterUnavailableError, Settlement
+
+log = structlog.get_logger("headrace")
+
+
+class FallbackLimiter:
+    def __init__(
+        self,
+        shared: Limiter,
+        local: Limiter,
+        *,
+        retry_after_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._shared = shared
+        self._local = local
+        self._retry_after_s = retry_after_s
+        self._clock = clock
+        self._down_until = 0.0
+        self._local_leases: set[str] = set()
+
+    @property
+    def degraded(self) -> bool:
+        return self._down_until > self._clock()
+
+    async def start(self) -> None:
+        await self._local.start()
+        try:
+            await self._shared.start()
+        except LimiterUnavailableError as exc:
+            self._went_down(exc)
+
+    async def acquire(self, demands: Sequence[Demand], lease: str) -> Decision:
+        if not self.degraded:
+            try:
+                return await self._shared.acquire(demands, lease)
+            except LimiterUnavailableError as exc:
+                self._went_down(exc)
+        self._local_leases.add(lease)
+        return await self._local.acquire(demands, lease)
+
+    async def settle(self, settlements: Sequence[Settlement], lease: str) -> tuple[int, ...]:
+        if lease in self._local_leases:
+            self._local_leases.discard(lease)
+            return await self._local.settle(settlements, lease)
+        try:
+            return await self._shared.settle(settlements, lease)
+        except LimiterUnavailableError as exc:
+            # The counters stay as reserved; leases expire on their own TTL.
+            self._went_down(exc)
+            return tuple(0 for _ in settlements)
+
+    async def first_time(self, flag: str, ttl_s: float) -> bool:
+        if not self.degraded:
+            try:
+                return await self._shared.first_time(flag, ttl_s)
+            except LimiterUnavailableError as exc:
+                self._went_down(exc)
+        return await self._local.first_time(flag, ttl_s)
+
+    async def check(self) -> None:
+        await self._shared.check()
+        self._down_until = 0.0
+
+    async def aclose(self) -> None:
+        await self._shared.aclose()
+        await self._local.aclose()
+
+    def _went_down(self, exc: Exception) -> None:
+        if not self.degraded:
+            log.warning("limiter_backend_down", error=str(exc), fallback="local limits")
+        self._down_until = self._clock() + self._retry_after_s

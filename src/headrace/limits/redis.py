@@ -1,0 +1,315 @@
+"""The shared limiter on Redis: every gateway process holds one set of limits, exactly.
+
+:meth:`RedisLimiter.acquire` and :meth:`RedisLimiter.settle` are one ``EVALSHA`` each: a Lua
+script checks every demand on Redis's ``TIME`` (whole microseconds, exact in a Lua double),
+then writes all of them or none. Under the prefix ``p`` (default ``hr:lim:``):
+
+- ``{p}r:{key}`` — RATE: a hash ``u`` (level, units, ``%.17g``) and ``t`` (when written, µs).
+  The level drains at ``limit / window`` per µs; a missing counter is an empty one. The hash
+  expires 1 s after it would have drained, so a missing one means the same thing. A
+  settlement needs the demand's ``limit`` to drain: without one (``<= 0``) it is skipped.
+- ``{p}c:{key}`` — CONCURRENCY: a sorted set of lease ids scored by expiry (µs); expired
+  members are dropped before counting; the set expires with its last lease.
+- ``{p}b:{key}`` — BUDGET: an integer created at ``seed`` with ``PX window``; ``INCRBY`` keeps
+  the TTL. Settling a missing counter is skipped (value 0), so an ended period stays ended.
+- ``{p}f:{flag}`` — :meth:`RedisLimiter.first_time`'s flags, ``SET NX PX``.
+
+Demands travel as ``KEYS`` (one counter each) and ``ARGV`` (the lease, then five fields per
+demand: kind letter, limit, amount, window in µs, seed). Replies are integers only, times in
+µs (``-1``: never), since Redis truncates Lua numbers to integers. The semantics are those of
+:mod:`headrace.limits.memory`, which the contract suite checks side by side. The scripts touch
+only their ``KEYS``, but one call's keys belong to different counters (a key's and its team's),
+so they need one Redis (or Valkey) primary, not Cluster.
+
+Failures: every Redis error, including a connect or read timeout after ``timeout_s`` and no
+pooled connection free within it, raises :class:`LimiterUnavailableError` (the
+:class:`~headrace.limits.fallback.FallbackLimiter` then limits locally). Connections open
+lazily, so a Redis that is down does not stop the gateway from starting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from redis import exceptions as redis_errors
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from headrace.limits.base import (
+    CounterState,
+    Decision,
+    Demand,
+    LimiterUnavailableError,
+    LimitKind,
+    Settlement,
+)
+
+_KIND = {LimitKind.RATE: "r", LimitKind.CONCURRENCY: "c", LimitKind.BUDGET: "b"}
+_US = 1_000_000
+
+_LUA_COMMON = """
+local EPS = 1e-9  -- levels are doubles: a demand within EPS units of fitting fits
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])  -- µs, exact in a double
+local lease = ARGV[1]
+
+-- redis.call sends a Lua number as '%.14g' (1.7e+15 for a µs time): format integers ourselves.
+local function int(x) return string.format('%d', x) end
+local function ms(us) return int(math.max(1, math.ceil(us / 1000))) end
+
+-- RATE: µs for `level` units to drain at limit / window units per µs.
+local function drain_us(level, limit, window)
+  if limit <= 0 then return 0 end
+  return math.ceil(level * window / limit)
+end
+
+-- RATE: the level now, after draining since the last write; missing or limit <= 0: empty.
+local function rate_level(key, limit, window)
+  if limit <= 0 then return 0 end
+  local h = redis.call('HMGET', key, 'u', 't')
+  if not h[1] then return 0 end
+  local elapsed = math.max(0, now - tonumber(h[2]))
+  return math.max(0, tonumber(h[1]) - elapsed * limit / window)
+end
+
+-- RATE: write `level` as of now; it lives 1 s beyond draining, an empty one not at all.
+local function rate_store(key, level, limit, window)
+  if level <= 0 or limit <= 0 then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('HSET', key, 'u', string.format('%.17g', level), 't', int(now))
+  redis.call('PEXPIRE', key, ms(drain_us(level, limit, window) + 1000000))
+end
+
+-- RATE: what is left (whole units) and µs until it is whole again.
+local function rate_state(level, d)
+  return math.max(0, math.floor(d.limit - level + EPS)), drain_us(level, d.limit, d.window)
+end
+
+-- CONCURRENCY: leases left, and µs until the last lease expires (0: none held).
+local function lease_state(key, d)
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]
+  local held = redis.call('ZCARD', key)
+  return math.max(0, d.limit - held), last and tonumber(last) - now or 0
+end
+
+-- BUDGET: the value and µs to expiry (-1: none); a missing counter is its seed, fresh.
+local function budget(key, d)
+  local value = redis.call('GET', key)
+  if not value then return d.seed, d.window end
+  local ttl = redis.call('PTTL', key)
+  return tonumber(value), ttl >= 0 and ttl * 1000 or -1
+end
+"""
+
+# KEYS[i]: demand i's counter. ARGV[1]: the lease, then 5 fields per demand: kind ('r', 'c',
+# 'b'), limit, amount, window (µs), seed. Returns {allowed (1/0), refused (1-based, 0: none),
+# retry (µs, -1: never)} followed by remaining and reset (µs) for each demand, in order.
+_LUA_ACQUIRE = """
+-- look(key, d) -> fits, wait (µs until it would fit, -1: never), remaining, reset (µs).
+-- take(key, d) -> remaining, reset: the counter after taking the demand.
+local kinds = {
+  r = {
+    look = function(key, d)
+      local level = rate_level(key, d.limit, d.window)
+      local over = level + d.amount - d.limit
+      return over <= EPS, drain_us(over, d.limit, d.window), rate_state(level, d)
+    end,
+    take = function(key, d)
+      local level = rate_level(key, d.limit, d.window) + d.amount
+      rate_store(key, level, d.limit, d.window)
+      return rate_state(level, d)
+    end,
+  },
+  c = {
+    look = function(key, d)
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now))  -- expired leases are gone
+      local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]
+      local fits = redis.call('ZCARD', key) < d.limit
+      return fits, first and tonumber(first) - now or -1, lease_state(key, d)
+    end,
+    take = function(key, d)
+      redis.call('ZADD', key, int(now + d.window), lease)
+      local remaining, reset = lease_state(key, d)
+      redis.call('PEXPIRE', key, ms(reset))  -- the set lives as long as its last lease
+      return remaining, reset
+    end,
+  },
+  b = {
+    look = function(key, d)
+      local value, ttl = budget(key, d)
+      return value + d.amount <= d.limit, ttl, math.max(0, d.limit - value), math.max(0, ttl)
+    end,
+    take = function(key, d)
+      redis.call('SET', key, int(d.seed), 'NX', 'PX', ms(d.window))
+      local value = redis.call('INCRBY', key, int(d.amount))
+      return math.max(0, d.limit - value), math.max(0, redis.call('PTTL', key)) * 1000
+    end,
+  },
+}
+
+local demands = {}
+for i = 1, #KEYS do
+  local f = 1 + (i - 1) * 5
+  demands[i] = {
+    kind = ARGV[f + 1], limit = tonumber(ARGV[f + 2]), amount = tonumber(ARGV[f + 3]),
+    window = tonumber(ARGV[f + 4]), seed = tonumber(ARGV[f + 5]),
+  }
+end
+
+-- Check every demand; report the first that does not fit and write nothing.
+local out = {1, 0, 0}
+for i, d in ipairs(demands) do
+  local fits, wait, remaining, reset = kinds[d.kind].look(KEYS[i], d)
+  if d.amount > d.limit then fits, wait = false, -1 end
+  if not fits and out[1] == 1 then out[1], out[2], out[3] = 0, i, wait end
+  out[2 + 2 * i], out[3 + 2 * i] = remaining, reset
+end
+if out[1] == 0 then return out end
+
+-- Every demand fits: take them all.
+for i, d in ipairs(demands) do
+  out[2 + 2 * i], out[3 + 2 * i] = kinds[d.kind].take(KEYS[i], d)
+end
+return out
+"""
+
+# KEYS[i]: settlement i's counter. ARGV[1]: the lease, then 4 fields per settlement: kind,
+# delta, limit, window (µs). Returns each counter's value afterwards.
+_LUA_SETTLE = """
+local settle = {
+  r = function(key, s)  -- drain, then add delta; a missing counter is an empty one
+    if s.limit <= 0 then return 0 end  -- nothing to drain by: leave the counter alone
+    local level = math.max(0, rate_level(key, s.limit, s.window) + s.delta)
+    rate_store(key, level, s.limit, s.window)
+    return math.max(0, math.ceil(level - EPS))
+  end,
+  c = function(key, s)  -- release the lease
+    redis.call('ZREM', key, lease)
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now))
+    return redis.call('ZCARD', key)
+  end,
+  b = function(key, s)  -- add delta (at least 0) unless the period's counter is gone
+    if redis.call('EXISTS', key) == 0 then return 0 end
+    local value = redis.call('INCRBY', key, int(s.delta))
+    if value < 0 then
+      redis.call('SET', key, '0', 'KEEPTTL')
+      value = 0
+    end
+    return value
+  end,
+}
+
+local out = {}
+for i = 1, #KEYS do
+  local f = 1 + (i - 1) * 4
+  local s = {delta = tonumber(ARGV[f + 2]), limit = tonumber(ARGV[f + 3]),
+             window = tonumber(ARGV[f + 4])}
+  out[i] = settle[ARGV[f + 1]](KEYS[i], s)
+end
+return out
+"""
+
+
+class RedisLimiter:
+    """The :class:`~headrace.limits.base.Limiter` shared through Redis (see the module doc).
+
+    ``timeout_s`` bounds connecting, each reply, and the wait for one of ``max_connections``
+    pooled connections. A broken pooled connection is retried once, at once (they go stale
+    when Redis restarts); timeouts are not retried, so a slow script is never run twice.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "hr:lim:",
+        timeout_s: float = 0.5,
+        max_connections: int = 100,
+    ) -> None:
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
+        )
+        self._client = Redis.from_pool(pool)
+        kwargs = pool.connection_kwargs
+        self._where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        self._prefix = prefix
+        self._acquire = self._client.register_script(_LUA_COMMON + _LUA_ACQUIRE)
+        self._settle = self._client.register_script(_LUA_COMMON + _LUA_SETTLE)
+
+    async def start(self) -> None:
+        """Nothing: connections open on first use (see :meth:`check`)."""
+
+    async def acquire(self, demands: Sequence[Demand], lease: str) -> Decision:
+        if not demands:
+            return Decision(True, ())
+        keys = [self._name(d.kind, d.key) for d in demands]
+        args: list[str | int] = [lease]
+        for d in demands:
+            args += [_KIND[d.kind], d.limit, d.amount, _micros(d.window_s), d.seed]
+        async with self._reaching():
+            reply = [int(x) for x in await self._acquire(keys=keys, args=args)]
+        states = tuple(
+            CounterState(d.key, d.limit, reply[3 + 2 * i], reply[4 + 2 * i] / _US)
+            for i, d in enumerate(demands)
+        )
+        allowed, refused, retry_us = reply[:3]
+        if allowed:
+            return Decision(True, states)
+        retry_after = math.inf if retry_us < 0 else retry_us / _US
+        return Decision(False, states, refused - 1, retry_after)
+
+    async def settle(self, settlements: Sequence[Settlement], lease: str) -> tuple[int, ...]:
+        if not settlements:
+            return ()
+        keys = [self._name(s.kind, s.key) for s in settlements]
+        args: list[str | int] = [lease]
+        for s in settlements:
+            args += [_KIND[s.kind], s.delta, s.limit, _micros(s.window_s)]
+        async with self._reaching():
+            reply = await self._settle(keys=keys, args=args)
+        return tuple(int(x) for x in reply)
+
+    async def first_time(self, flag: str, ttl_s: float) -> bool:
+        ttl_ms = max(1, math.ceil(ttl_s * 1000))
+        async with self._reaching():
+            won = await self._client.set(f"{self._prefix}f:{flag}", b"1", nx=True, px=ttl_ms)
+        return bool(won)
+
+    async def check(self) -> None:
+        """``PING``; raise :class:`LimiterUnavailableError` if Redis does not answer."""
+        async with self._reaching():
+            await self._client.ping()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+    def _name(self, kind: LimitKind, key: str) -> str:
+        return f"{self._prefix}{_KIND[kind]}:{key}"
+
+    @asynccontextmanager
+    async def _reaching(self) -> AsyncIterator[None]:
+        """Turn every Redis failure into :class:`LimiterUnavailableError`."""
+        try:
+            yield
+        except (redis_errors.RedisError, OSError) as exc:
+            msg = (
+                f"the limiter's Redis at {self._where} failed ({type(exc).__name__}: {exc}); "
+                "is it up, and limits.redis_url right?"
+            )
+            raise LimiterUnavailableError(msg) from exc
+
+
+def _micros(seconds: float) -> int:
+    """A window in whole microseconds, at least 1 (the scripts divide by it)."""
+    return max(1, round(seconds * _US))
