@@ -18,15 +18,27 @@ class AdminError(Exception):
 
 
 def call(
-    base_url: str, admin_key: str, method: str, path: str, query: dict[str, str] | None = None
+    base_url: str,
+    admin_key: str,
+    method: str,
+    path: str,
+    query: dict[str, str] | None = None,
+    *,
+    body: object = None,
 ) -> Any:
+    """``method path?query`` with ``body`` (when not None) as JSON; the decoded JSON answer."""
     url = base_url.rstrip("/") + path
     if query:
         url += "?" + urllib.parse.urlencode(query)
     if not url.startswith(("http://", "https://")):
         raise AdminError(f"--url must be an http(s) URL, not {base_url!r}.")
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    data = None
+    if body is not None:
+        data = orjson.dumps(body)
+        headers["Content-Type"] = "application/json"
     request = urllib.request.Request(  # noqa: S310 - scheme checked above
-        url, method=method, headers={"Authorization": f"Bearer {admin_key}"}
+        url, data=data, method=method, headers=headers
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310

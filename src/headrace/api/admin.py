@@ -16,7 +16,7 @@ from headrace.wiring import Runtime
 router = APIRouter()
 
 
-async def _admin(request: Request) -> tuple[Call, Runtime]:
+async def admin_only(request: Request) -> tuple[Call, Runtime]:
     call = await authenticated_call(request)
     assert call.principal is not None
     if call.principal.role is not Role.ADMIN:
@@ -24,14 +24,14 @@ async def _admin(request: Request) -> tuple[Call, Runtime]:
     return call, runtime(request)
 
 
-def _json(body: object) -> Response:
+def json_response(body: object) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
 @router.get("/admin/cache", tags=["admin"])
 async def cache_stats(request: Request) -> Response:
     """Entries, bytes and evictions of the response cache, and hit/miss/bypass counts."""
-    _, rt = await _admin(request)
+    _, rt = await admin_only(request)
     if rt.cache is None:
         raise NotFoundError("The response cache is off (cache.backend: none).")
     try:
@@ -44,7 +44,7 @@ async def cache_stats(request: Request) -> Response:
         for sample in metric.samples
         if sample.name.endswith("_total")
     }
-    return _json(
+    return json_response(
         {
             "entries": stats.entries,
             "bytes": stats.bytes,
@@ -57,7 +57,7 @@ async def cache_stats(request: Request) -> Response:
 @router.delete("/admin/cache", tags=["admin"])
 async def cache_purge(request: Request) -> Response:
     """Purge entries by ``model``, ``team`` and/or ``key`` (query parameters); none: all."""
-    _, rt = await _admin(request)
+    _, rt = await admin_only(request)
     if rt.cache is None:
         raise NotFoundError("The response cache is off (cache.backend: none).")
     query = request.query_params
@@ -66,4 +66,4 @@ async def cache_purge(request: Request) -> Response:
         purged = await rt.cache.purge(tags)
     except CacheUnavailableError as exc:
         raise OverloadedError(f"The cache backend is unavailable: {exc}") from None
-    return _json({"purged": purged, "tags": sorted(tags)})
+    return json_response({"purged": purged, "tags": sorted(tags)})

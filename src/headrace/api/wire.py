@@ -63,7 +63,7 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
-def _invalid(exc: ValidationError) -> ValidationFailedError:
+def invalid(exc: ValidationError) -> ValidationFailedError:
     first = exc.errors()[0]
     param = _field_path(first["loc"])
     if first["type"] == "missing":
@@ -86,7 +86,7 @@ def chat_request(body: Any) -> ChatRequest:
     try:
         parsed = _chat.validate_python(raw)
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        raise invalid(exc) from None
     return ChatRequest(
         model=parsed.model,
         messages=raw["messages"],
@@ -107,7 +107,7 @@ def embedding_request(body: Any) -> tuple[EmbeddingRequest, str]:
             raise InvalidRequestError(
                 "Token-array inputs are not supported; send the text instead.", param="input"
             ) from None
-        raise _invalid(exc) from None
+        raise invalid(exc) from None
     inputs = [parsed.input] if isinstance(parsed.input, str) else parsed.input
     for i, text in enumerate(inputs):
         if not text:
