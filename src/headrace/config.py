@@ -197,6 +197,84 @@ class CacheConfig(_Strict):
         return self
 
 
+class LimitsConfig(_Strict):
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: exact within one process; redis: shared by every process."
+    )
+    redis_url: str | None = Field(None, description="For backend redis: redis://host:6379/0")
+    on_backend_down: Literal["local", "refuse"] = Field(
+        "local",
+        description="Redis unreachable: fall back to per-process limits (local) or answer 503.",
+    )
+    default_completion_tokens: int = Field(
+        1024, ge=0, description="Output tokens reserved when a request sets no max_tokens."
+    )
+    lease_ttl_s: float = Field(
+        900.0, gt=0, description="A parallel-request slot is freed after this long regardless."
+    )
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> LimitsConfig:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError(
+                "limits.backend is redis: set limits.redis_url (or HEADRACE_LIMITS__REDIS_URL)"
+            )
+        return self
+
+
+class BudgetsConfig(_Strict):
+    alert_webhook_url: str | None = Field(
+        None, description="POSTed a JSON alert when a key or team crosses its soft budget."
+    )
+    alert_timeout_s: float = Field(5.0, gt=0)
+
+
+class UsageConfig(_Strict):
+    enabled: bool = Field(True, description="Write one usage record per request.")
+    batch_size: int = Field(
+        500,
+        ge=1,
+        description="Records per database insert (larger batches hold the event loop longer).",
+    )
+    flush_interval_s: float = Field(0.2, gt=0, description="Longest a record waits in memory.")
+    max_buffer: int = Field(
+        100_000, ge=1, description="Records held in memory; beyond that they go to the spool."
+    )
+    spool_dir: Path | None = Field(
+        None, description="Where records wait while the database is down; default data_dir/spool."
+    )
+
+
+class StoreConfig(_Strict):
+    migrate_on_start: bool | None = Field(
+        None,
+        description="Apply migrations at start. Default: yes for SQLite, no for PostgreSQL "
+        "(run `headrace migrate` when deploying).",
+    )
+
+
+class SelectionWhen(_Strict):
+    models: list[str] = Field(
+        default_factory=list, description="Requested model names or fnmatch patterns; empty: any."
+    )
+    min_prompt_tokens: int | None = Field(None, ge=0)
+    max_prompt_tokens: int | None = Field(None, ge=0)
+    tools: bool | None = Field(None, description="true: only with tools; false: only without.")
+    images: bool | None = Field(None, description="true: only with image parts; false: without.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="X-Headrace-* request headers that must match exactly."
+    )
+    key_tiers: list[str] = Field(
+        default_factory=list, description="The key's `tier` metadata must be one of these."
+    )
+
+
+class SelectionRuleConfig(_Strict):
+    name: str
+    when: SelectionWhen = SelectionWhen()
+    use: str = Field(description="The model that serves a matching request.")
+
+
 class LogConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -246,7 +324,15 @@ class Settings(BaseSettings):
     router: RouterConfig = RouterConfig()
     cache: CacheConfig = CacheConfig()
     pricing: PricingConfig = PricingConfig()
+    store: StoreConfig = StoreConfig()
+    limits: LimitsConfig = LimitsConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
+    usage: UsageConfig = UsageConfig()
     models: list[ModelConfig] = Field(default_factory=default_models)
+    selection: list[SelectionRuleConfig] = Field(
+        default_factory=list,
+        description="Cost-aware model selection: the first matching rule picks the model.",
+    )
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Settings:
@@ -262,6 +348,12 @@ class Settings(BaseSettings):
                         f"model {model.name!r} falls back to {target!r}, which is not a "
                         f"configured model; add it under models or remove it"
                     )
+        for rule in self.selection:
+            if rule.use not in known:
+                raise ValueError(
+                    f"selection rule {rule.name!r} uses {rule.use!r}, which is not a "
+                    f"configured model; add it under models or fix the rule"
+                )
         return self
 
     @property

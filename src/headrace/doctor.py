@@ -37,7 +37,7 @@ async def run_doctor(settings: Settings, echo: Echo) -> bool:
             echo(f"package {module}: ok")
     runtime = build_runtime(settings)
     try:
-        await runtime.keys.start()
+        await runtime.store.start()
         for name, check in runtime.readiness.items():
             try:
                 await check()

@@ -14,7 +14,9 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from fnmatch import fnmatchcase
 from typing import Any
 
 JsonObject = dict[str, Any]
@@ -221,6 +223,7 @@ class RequestControls:
     priority: Priority = Priority.NORMAL
     fallbacks: tuple[str, ...] | None = None
     cache: CacheControl = field(default_factory=CacheControl)
+    hints: Mapping[str, str] = field(default_factory=dict)  # X-Headrace-* headers, lower-case
 
 
 class Role(StrEnum):
@@ -228,12 +231,84 @@ class Role(StrEnum):
     USER = "user"
 
 
+class BudgetPeriod(StrEnum):
+    """How often a budget starts again. Periods are UTC calendar periods (weeks start Monday)."""
+
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+    TOTAL = "total"
+
+    def current(self, now: float) -> tuple[str, float, float]:
+        """``(period id, start, end)`` of the period holding unix time ``now``.
+
+        The id names the counter, so a new period is a new counter: budgets reset without a
+        job that resets them. ``total`` never ends (its end is ``inf``).
+        """
+        moment = datetime.fromtimestamp(now, UTC)
+        day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        if self is BudgetPeriod.DAY:
+            start, end = day, day + timedelta(days=1)
+            label = start.strftime("%Y-%m-%d")
+        elif self is BudgetPeriod.WEEK:
+            start = day - timedelta(days=day.weekday())
+            end = start + timedelta(days=7)
+            year, week, _ = start.isocalendar()
+            label = f"{year}-W{week:02d}"
+        elif self is BudgetPeriod.MONTH:
+            start = day.replace(day=1)
+            end = (start + timedelta(days=32)).replace(day=1)
+            label = start.strftime("%Y-%m")
+        else:
+            return "total", 0.0, float("inf")
+        return label, start.timestamp(), end.timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """The limits and budget a key or a team carries. ``None`` means no limit of that kind.
+
+    A request must pass both its key's quota and its team's.
+    """
+
+    rpm: int | None = None  # requests per minute
+    tpm: int | None = None  # tokens (prompt + completion) per minute
+    max_parallel: int | None = None  # requests in flight at once
+    budget_micro_usd: int | None = None  # hard budget per period; refused beyond it
+    budget_period: BudgetPeriod = BudgetPeriod.MONTH
+    soft_budget_ratio: float | None = None  # alert once per period when spend crosses this share
+
+    @property
+    def unlimited(self) -> bool:
+        return (
+            self.rpm is None
+            and self.tpm is None
+            and self.max_parallel is None
+            and self.budget_micro_usd is None
+        )
+
+
+NO_QUOTA = Quota()
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    """A tenant: owns keys, usage and jobs; carries its own quota on top of its keys'."""
+
+    id: str
+    name: str
+    organization: str = ""
+    quota: Quota = NO_QUOTA
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
-    """A stored API key. Only ``secret_hash`` (SHA-256 of the secret) is kept, never the secret.
+    """A stored (virtual) API key. Only ``secret_hash`` (SHA-256 of the secret) is kept.
 
-    ``team_id``, ``allowed_models`` and ``metadata`` are where virtual keys (limits, budgets,
-    expiry) attach; the foundation uses ``role`` only.
+    ``allowed_models`` holds model names or ``fnmatch`` patterns (empty: every model).
+    ``metadata`` drives per-key policy (``priority``, ``cache``, ``cache_ttl_s``, ``tier``).
     """
 
     id: str
@@ -242,7 +317,10 @@ class ApiKey:
     role: Role = Role.USER
     name: str = ""
     team_id: str | None = None
+    user: str | None = None  # the person the key was issued to (free text, e.g. an email)
     allowed_models: frozenset[str] = frozenset()
+    quota: Quota = NO_QUOTA
+    expires_at: float | None = None  # unix time; None never expires
     revoked: bool = False
     created_at: float = 0.0
     metadata: Mapping[str, str] = field(default_factory=dict)
@@ -250,17 +328,53 @@ class ApiKey:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the authenticated key."""
+    """Who is calling: the authenticated key, with its team's quota resolved."""
 
     key_id: str
     role: Role
     team_id: str | None = None
     allowed_models: frozenset[str] = frozenset()
     metadata: Mapping[str, str] = field(default_factory=dict)
+    quota: Quota = NO_QUOTA
+    team_quota: Quota = NO_QUOTA
+    expires_at: float | None = None
 
     def may_use(self, model: str) -> bool:
-        """An empty ``allowed_models`` allows every model."""
-        return not self.allowed_models or model in self.allowed_models
+        """An empty ``allowed_models`` allows every model; entries may be ``fnmatch`` patterns."""
+        if not self.allowed_models or model in self.allowed_models:
+            return True
+        return any(fnmatchcase(model, pattern) for pattern in self.allowed_models)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One request's account: written once per request, whatever its outcome.
+
+    ``id`` is unique and travels with the record through the spool, so a replay inserts it
+    exactly once. ``baseline_cost_micro_usd`` is what the model the client asked for would have
+    cost; it differs from ``cost_micro_usd`` when a selection rule routed elsewhere.
+    """
+
+    id: str
+    request_id: str
+    created_at: float  # unix time, UTC
+    operation: str  # "chat" or "embeddings"
+    key_id: str
+    team_id: str | None
+    model: str  # the model that answered (after selection rules)
+    requested_model: str
+    deployment: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_micro_usd: int = 0
+    baseline_cost_micro_usd: int = 0
+    latency_ms: float = 0.0
+    status: int = 200
+    error: str | None = None
+    cache_hit: bool = False
+    degraded: bool = False
+    stream: bool = False
 
 
 @dataclass(slots=True)
@@ -286,4 +400,69 @@ class Call:
     cache: str | None = None  # "hit", "miss" or "bypass" once the cache has looked
     similarity: float | None = None  # set on a semantic-cache hit
     cost_micro_usd: int | None = None  # once the answer is complete
+    requested_model: str | None = None  # what the client asked for, before selection rules
+    baseline_cost_micro_usd: int | None = None  # the requested model's price for the same usage
+    quota_headers: dict[str, str] | None = None  # RateLimit / RateLimit-Policy for the response
     started_ns: int = field(default_factory=time.perf_counter_ns)
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DEAD = "dead"
+
+    @property
+    def final(self) -> bool:
+        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class JobKind(StrEnum):
+    CHAT = "chat.completions"
+    EMBEDDINGS = "embeddings"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One unit of asynchronous work: a chat or embeddings request body run later by a worker.
+
+    ``errors`` is the history of failed attempts (OpenAI-shaped error objects plus ``attempt``
+    and ``at``); ``error`` is the last one. ``run_after`` delays a retry; ``deadline_at`` is
+    the latest start time (a job not started by then fails as expired).
+    """
+
+    id: str
+    kind: JobKind
+    body: Mapping[str, Any]
+    key_id: str
+    team_id: str | None = None
+    priority: Priority = Priority.NORMAL
+    status: JobStatus = JobStatus.QUEUED
+    attempts: int = 0
+    max_attempts: int = 5
+    created_at: float = 0.0
+    run_after: float = 0.0
+    deadline_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: Mapping[str, Any] | None = None
+    error: Mapping[str, Any] | None = None
+    errors: tuple[Mapping[str, Any], ...] = ()
+    cost_micro_usd: int = 0
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    webhook_url: str | None = None
+    batch_id: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """A status change of a job, in order (``seq`` increases per job)."""
+
+    job_id: str
+    seq: int
+    status: JobStatus
+    at: float
+    detail: Mapping[str, Any] = field(default_factory=dict)

@@ -11,6 +11,9 @@
     ├── PermissionDeniedError          403 permission_error
     ├── NotFoundError                  404 not_found_error
     │   └── ModelNotFoundError         404 invalid_request_error / model_not_found
+    ├── ConflictError                  409 invalid_request_error / conflict
+    ├── RateLimitExceededError         429 requests|tokens / rate_limit_exceeded (+ Retry-After)
+    ├── BudgetExceededError            402 insufficient_quota / budget_exceeded
     ├── OverloadedError                503 service_unavailable / overloaded
     └── UpstreamError                  502 upstream_error (names the deployment, never its key)
         ├── UpstreamStatusError        502 (the upstream answered 5xx, 401/403, or nonsense)
@@ -98,6 +101,40 @@ class NotFoundError(HeadraceError):
 class ModelNotFoundError(NotFoundError):
     type = "invalid_request_error"
     default_code = "model_not_found"
+
+
+class ConflictError(HeadraceError):
+    """The request contradicts what is stored (a duplicate id, a team that still owns keys)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class RateLimitExceededError(HeadraceError):
+    """A key's or team's RPM, TPM or parallel-request limit. ``type`` says which, as OpenAI's."""
+
+    status = 429
+    type = "requests"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit_type: str = "requests", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.limit_type = limit_type
+
+    def to_openai(self) -> dict[str, Any]:
+        body = super().to_openai()
+        body["error"]["type"] = self.limit_type
+        return body
+
+
+class BudgetExceededError(HeadraceError):
+    """A hard budget would be exceeded. 402, not 429: retrying will not help until the period
+    ends or the budget is raised, and clients (the openai SDK included) retry 429s."""
+
+    status = 402
+    type = "insufficient_quota"
+    default_code = "budget_exceeded"
 
 
 class OverloadedError(HeadraceError):

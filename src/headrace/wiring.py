@@ -16,15 +16,23 @@ from pathlib import Path
 import structlog
 
 from headrace.accounting.pricing import PriceTable
+from headrace.accounting.tokens import TokenCounter
+from headrace.accounting.usage import UsageWriter
 from headrace.cache.base import FlightLock, ResponseCache
 from headrace.cache.semantic import DEFAULT_THRESHOLD, SemanticIndex
-from headrace.config import CacheConfig, DeploymentConfig, ModelConfig, Settings
+from headrace.config import CacheConfig, DeploymentConfig, LimitsConfig, ModelConfig, Settings
 from headrace.domain import Call, Deployment, EmbeddingRequest, ModelRoute, Price, Timeouts
 from headrace.gateway.admission import Admission
+from headrace.gateway.alerts import WebhookAlerts
 from headrace.gateway.auth import Authenticator, ensure_admin_key
 from headrace.gateway.caching import CachePolicy, ResponseCacher
+from headrace.gateway.quota import QuotaGuard
+from headrace.gateway.selection import ModelSelector, SelectionRule
 from headrace.gateway.semantic import SemanticCache, SemanticPolicy
 from headrace.gateway.service import GatewayService
+from headrace.limits.base import Limiter
+from headrace.limits.fallback import FallbackLimiter
+from headrace.limits.memory import MemoryLimiter
 from headrace.observability.metrics import Metrics
 from headrace.providers import registry
 from headrace.providers.base import Provider
@@ -35,8 +43,7 @@ from headrace.routing.catalog import Catalog
 from headrace.routing.classify import ErrorClass
 from headrace.routing.retry import RetryBudget, RetryPolicy
 from headrace.routing.router import RoutePolicy, Router
-from headrace.store.base import KeyStore
-from headrace.store.sql import SqlKeyStore
+from headrace.store.base import Store
 
 log = structlog.get_logger("headrace")
 
@@ -58,7 +65,7 @@ class Runtime:
     gateway: GatewayService
     authenticator: Authenticator
     metrics: Metrics
-    keys: KeyStore
+    store: Store
     providers: Mapping[str, Provider]
     http: SessionPool
     http_options: HttpOptions
@@ -68,14 +75,20 @@ class Runtime:
     readiness: dict[str, Check] = field(default_factory=dict)
     optional_checks: frozenset[str] = frozenset()
     cache: ResponseCache | None = None
+    limiter: Limiter | None = None
+    usage: UsageWriter | None = None
     started_at: int = field(default_factory=lambda: int(time.time()))
     announce_admin_key: Callable[[str, Path], None] | None = None
 
     async def start(self) -> None:
-        await self.keys.start()
+        await self.store.start()
+        if self.limiter is not None:
+            await self.limiter.start()
+        if self.usage is not None:
+            await self.usage.start()
         if self.gateway.cacher is not None:
             await self.gateway.cacher.start()
-        self.new_admin_secret = await ensure_admin_key(self.keys, self.data_dir, self.admin_secret)
+        self.new_admin_secret = await ensure_admin_key(self.store, self.data_dir, self.admin_secret)
         if self.new_admin_secret and self.announce_admin_key:
             self.announce_admin_key(self.new_admin_secret, self.data_dir)
 
@@ -84,8 +97,15 @@ class Runtime:
             *(provider.aclose() for provider in self.providers.values()),
             return_exceptions=True,
         )
+        quota = self.gateway.quota
+        if quota is not None:
+            await quota.aclose()  # settlements and alerts still running
+        if self.limiter is not None:
+            await self.limiter.aclose()
+        if self.usage is not None:
+            await self.usage.aclose()  # flush: nothing accepted is left only in memory
         await self.http.aclose()
-        await self.keys.aclose()
+        await self.store.aclose()
         cacher = self.gateway.cacher
         if cacher is not None:
             await cacher.aclose()
@@ -227,6 +247,68 @@ def build_cacher(
     )
 
 
+def _memory_limiter(config: LimitsConfig) -> Limiter:
+    return MemoryLimiter()
+
+
+def _redis_limiter(config: LimitsConfig) -> Limiter:
+    from headrace.limits.redis import RedisLimiter
+
+    assert config.redis_url is not None  # checked by LimitsConfig
+    shared = RedisLimiter(config.redis_url)
+    if config.on_backend_down == "refuse":
+        return shared
+    return FallbackLimiter(shared, MemoryLimiter())
+
+
+LIMITER_BACKENDS: Mapping[str, Callable[[LimitsConfig], Limiter]] = {
+    "memory": _memory_limiter,
+    "redis": _redis_limiter,
+}
+
+
+def _spool_check(usage: UsageWriter) -> Check:
+    async def check() -> None:
+        if usage.spooling:
+            raise RuntimeError(
+                f"usage records are going to the spool ({usage.pending} pending): "
+                "the database is not accepting writes; they are replayed when it does"
+            )
+
+    return check
+
+
+def build_store(settings: Settings) -> Store:
+    from headrace.store.sql import SqlStore
+
+    url = settings.resolved_database_url
+    migrate = settings.store.migrate_on_start
+    if migrate is None:
+        migrate = url.startswith("sqlite")
+    return SqlStore(url, migrate_on_start=migrate)
+
+
+def build_selector(settings: Settings) -> ModelSelector | None:
+    if not settings.selection:
+        return None
+    return ModelSelector(
+        [
+            SelectionRule(
+                name=rule.name,
+                use=rule.use,
+                models=tuple(rule.when.models),
+                min_prompt_tokens=rule.when.min_prompt_tokens,
+                max_prompt_tokens=rule.when.max_prompt_tokens,
+                tools=rule.when.tools,
+                images=rule.when.images,
+                headers={k.lower(): v for k, v in rule.when.headers.items()},
+                key_tiers=frozenset(rule.when.key_tiers),
+            )
+            for rule in settings.selection
+        ]
+    )
+
+
 def build_routes(settings: Settings) -> list[ModelRoute]:
     prices = PriceTable.load(settings.pricing.file)
     return [
@@ -239,7 +321,7 @@ def build_routes(settings: Settings) -> list[ModelRoute]:
     ]
 
 
-def build_runtime(settings: Settings, *, key_store: KeyStore | None = None) -> Runtime:
+def build_runtime(settings: Settings, *, store: Store | None = None) -> Runtime:
     """Build every service from ``settings``. Nothing is started or connected yet."""
     routes = build_routes(settings)
     http = SessionPool()
@@ -262,11 +344,11 @@ def build_runtime(settings: Settings, *, key_store: KeyStore | None = None) -> R
                 )
             providers[deployment.name] = provider
     metrics = Metrics()
-    keys = key_store or SqlKeyStore(settings.resolved_database_url)
+    store = store or build_store(settings)
     authenticator = Authenticator(
-        keys, enabled=settings.auth.enabled, cache_ttl_s=settings.auth.key_cache_ttl_s
+        store, enabled=settings.auth.enabled, cache_ttl_s=settings.auth.key_cache_ttl_s
     )
-    readiness: dict[str, Check] = {"store": keys.check}
+    readiness: dict[str, Check] = {"store": store.check}
     for name, provider in providers.items():
         readiness[f"deployment:{name}"] = provider.check
     catalog = Catalog(routes)
@@ -292,6 +374,29 @@ def build_runtime(settings: Settings, *, key_store: KeyStore | None = None) -> R
     if cacher is not None:
         readiness["cache"] = cacher.cache.check
         optional.add("cache")  # a cache that is down is bypassed, not fatal
+    limiter = LIMITER_BACKENDS[settings.limits.backend](settings.limits)
+    if settings.limits.backend != "memory":
+        readiness["limits"] = limiter.check
+        if isinstance(limiter, FallbackLimiter):
+            optional.add("limits")  # local limits stand in while Redis is down
+    alert = None
+    if settings.budgets.alert_webhook_url:
+        alert = WebhookAlerts(
+            settings.budgets.alert_webhook_url, http, timeout_s=settings.budgets.alert_timeout_s
+        )
+    usage = None
+    if settings.usage.enabled:
+        u = settings.usage
+        usage = UsageWriter(
+            store,
+            u.spool_dir or settings.data_dir / "spool",
+            batch_size=u.batch_size,
+            flush_interval_s=u.flush_interval_s,
+            max_buffer=u.max_buffer,
+        )
+    if usage is not None:
+        readiness["usage"] = _spool_check(usage)
+        optional.add("usage")  # records wait in the spool; nothing is lost
     return Runtime(
         gateway=GatewayService(
             catalog,
@@ -300,10 +405,17 @@ def build_runtime(settings: Settings, *, key_store: KeyStore | None = None) -> R
             metrics,
             cacher,
             prices={d.name: d.price for route in routes for d in route.deployments},
+            quota=QuotaGuard(limiter, store, lease_ttl_s=settings.limits.lease_ttl_s, alert=alert),
+            selector=build_selector(settings),
+            tokens=TokenCounter(),
+            usage=usage,
+            default_completion_tokens=settings.limits.default_completion_tokens,
         ),
         authenticator=authenticator,
         metrics=metrics,
-        keys=keys,
+        store=store,
+        limiter=limiter,
+        usage=usage,
         providers=providers,
         http=http,
         http_options=HttpOptions(

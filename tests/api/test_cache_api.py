@@ -70,7 +70,7 @@ async def test_cache_control(gateway: GatewayFactory) -> None:
 async def test_tenants_never_share_entries(gateway: GatewayFactory) -> None:
     client, rt = await gateway()
     other = new_secret()
-    await rt.keys.put(new_key(other, role=Role.USER, name="other team"))
+    await rt.store.put(new_key(other, role=Role.USER, name="other team"))
     await post(client)
     response = await client.post(
         "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {other}"}
@@ -139,7 +139,7 @@ async def test_admin_cache_stats_and_purge(gateway: GatewayFactory) -> None:
     assert purged.json()["purged"] == 1
     assert (await post(client)).headers["x-headrace-cache"] == "miss"
     user = new_secret()
-    await rt.keys.put(new_key(user, role=Role.USER, name="user"))
+    await rt.store.put(new_key(user, role=Role.USER, name="user"))
     forbidden = await client.get("/admin/cache", headers={"Authorization": f"Bearer {user}"})
     assert forbidden.status_code == 403
     metrics = (await client.get("/metrics")).text
@@ -152,12 +152,12 @@ async def test_a_key_can_turn_the_cache_off_or_widen_it(gateway: GatewayFactory)
 
     client, rt = await gateway()
     off, everything = new_secret(), new_secret()
-    await rt.keys.put(
+    await rt.store.put(
         dataclasses.replace(
             new_key(off, role=Role.USER, name="no cache"), metadata={"cache": "off"}
         )
     )
-    await rt.keys.put(
+    await rt.store.put(
         dataclasses.replace(
             new_key(everything, role=Role.USER, name="cache all"), metadata={"cache": "all"}
         )

@@ -284,7 +284,7 @@ async def test_priority_comes_from_the_header_or_the_key(gateway: GatewayFactory
     key = dataclasses.replace(
         new_key(secret, role=Role.USER, name="batch"), metadata={"priority": "low"}
     )
-    await rt.keys.put(key)
+    await rt.store.put(key)
     seen: list[Priority] = []
     original = rt.gateway._admission.slot  # type: ignore[attr-defined]
 

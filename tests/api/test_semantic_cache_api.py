@@ -78,7 +78,7 @@ async def test_different_questions_contexts_and_tenants_miss(gateway: GatewayFac
     )
     assert other_system.headers["x-headrace-cache"] == "miss"
     secret = new_secret()
-    await rt.keys.put(new_key(secret, role=Role.USER, name="another team"))
+    await rt.store.put(new_key(secret, role=Role.USER, name="another team"))
     tenant = await client.post(
         "/v1/chat/completions",
         json=ask("what is the capital of france?"),

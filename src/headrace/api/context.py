@@ -13,6 +13,7 @@ from headrace.wiring import Runtime
 
 PRIORITY_HEADER = "x-headrace-priority"
 FALLBACKS_HEADER = "x-headrace-fallbacks"
+_CONTROL_HEADERS = frozenset({PRIORITY_HEADER, FALLBACKS_HEADER})
 
 
 def runtime(request: Request) -> Runtime:
@@ -48,10 +49,16 @@ def controls(request: Request, default_priority: str | None = None) -> RequestCo
     if raw is not None:
         names = tuple(n.strip() for n in raw.split(",") if n.strip())
         fallbacks = () if names in ((), ("none",)) else names
+    hints = {
+        name: value
+        for name, value in headers.items()
+        if name.startswith("x-headrace-") and name not in _CONTROL_HEADERS
+    }
     return RequestControls(
         priority=priority,
         fallbacks=fallbacks,
         cache=cache_control(headers.get("cache-control")),
+        hints=hints,
     )
 
 

@@ -48,6 +48,10 @@ def _gateway_headers(call: Call) -> list[tuple[bytes, bytes]]:
         headers.append((b"x-headrace-cache", call.cache.encode()))
     if call.similarity is not None:
         headers.append((b"x-headrace-cache-similarity", f"{call.similarity:.4f}".encode()))
+    if call.quota_headers:
+        headers.extend(
+            (name.encode(), value.encode()) for name, value in call.quota_headers.items()
+        )
     return headers
 
 

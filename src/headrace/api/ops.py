@@ -71,4 +71,10 @@ async def metrics(request: Request) -> Response:
             rt.metrics.cache_bytes.set(stats.bytes)
             rt.metrics.cache_entries.set(stats.entries)
             rt.metrics.cache_evictions.set(stats.evictions)
+    if rt.usage is not None:
+        usage = rt.usage
+        for outcome in ("written", "spooled", "replayed", "unspooled"):
+            rt.metrics.usage_records.labels(outcome).set(getattr(usage, outcome))
+        rt.metrics.usage_pending.set(usage.pending)
+        rt.metrics.usage_spooling.set(1 if usage.spooling else 0)
     return Response(rt.metrics.render(), media_type=CONTENT_TYPE)

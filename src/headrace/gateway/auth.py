@@ -12,13 +12,13 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from headrace.domain import ApiKey, Principal, Role
+from headrace.domain import NO_QUOTA, ApiKey, Principal, Quota, Role
 from headrace.errors import AuthenticationError
-from headrace.store.base import KeyStore
+from headrace.store.base import KeyStore, Store
 
 SECRET_PREFIX = "hr_"  # noqa: S105 - a visible prefix, not a secret
 ADMIN_KEY_FILE = "admin-key"
@@ -33,14 +33,33 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-def new_key(secret: str, *, role: Role, name: str, key_id: str | None = None) -> ApiKey:
+def new_key(
+    secret: str,
+    *,
+    role: Role,
+    name: str,
+    key_id: str | None = None,
+    team_id: str | None = None,
+    user: str | None = None,
+    allowed_models: frozenset[str] = frozenset(),
+    quota: Quota = NO_QUOTA,
+    expires_at: float | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> ApiKey:
+    """A key for ``secret``: only its hash and a short visible prefix are kept."""
     return ApiKey(
         id=key_id or f"key_{uuid.uuid4().hex[:16]}",
         prefix=secret[:8],
         secret_hash=hash_secret(secret),
         role=role,
         name=name,
+        team_id=team_id,
+        user=user,
+        allowed_models=allowed_models,
+        quota=quota,
+        expires_at=expires_at,
         created_at=time.time(),
+        metadata=dict(metadata or {}),
     )
 
 
@@ -62,16 +81,18 @@ class Authenticator:
 
     def __init__(
         self,
-        store: KeyStore,
+        store: Store,
         *,
         enabled: bool = True,
         cache_ttl_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._enabled = enabled
         self._ttl = cache_ttl_s
         self._clock = clock
+        self._wall_clock = wall_clock
         self._cache: dict[str, _Cached] = {}
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -93,23 +114,33 @@ class Authenticator:
             key = await self._store.get_by_hash(digest)
             principal = None
             if key is not None and not key.revoked and hmac.compare_digest(key.secret_hash, digest):
+                team = await self._store.get_team(key.team_id) if key.team_id else None
                 principal = Principal(
                     key_id=key.id,
                     role=key.role,
                     team_id=key.team_id,
                     allowed_models=key.allowed_models,
                     metadata=key.metadata,
+                    quota=key.quota,
+                    team_quota=team.quota if team is not None else NO_QUOTA,
+                    expires_at=key.expires_at,
                 )
             cached = _Cached(principal, now + self._ttl)
             if len(self._cache) > 100_000:
                 self._cache.clear()
             self._cache[digest] = cached
-        if cached.principal is None:
+        principal = cached.principal
+        if principal is None:
             raise AuthenticationError(
                 f"Incorrect API key provided: {secret[:6]}****. Check the key, or create "
                 "one with the admin key."
             )
-        return cached.principal
+        if principal.expires_at is not None and principal.expires_at <= self._wall_clock():
+            raise AuthenticationError(
+                f"The API key {principal.key_id} expired; ask an administrator for a new one.",
+                code="expired_api_key",
+            )
+        return principal
 
     def forget(self) -> None:
         """Drop every cached lookup (after a revoke or key change)."""

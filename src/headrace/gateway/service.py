@@ -1,17 +1,25 @@
 """GatewayService: the one pipeline every request goes through, synchronous or queued.
 
-model access → response cache (hits and coalesced followers stop here) → admission (bounded
-concurrency, priority shedding) → router (deployment choice, retries, breakers, fallbacks,
-degraded answer) → metrics. Later issues insert limits and budgets before the cache; the entry
-points and :class:`~headrace.domain.Call` stay the same.
+model selection rules → model access → quota (RPM, TPM, parallel, budget: reserved for key and
+team in one round trip, 429/402 before any upstream call) → response cache (hits and coalesced
+followers stop here) → admission (bounded concurrency, priority shedding) → router (deployment
+choice, retries, breakers, fallbacks, degraded answer) → cost → settle the quota to the real
+usage → one usage record (batched to the store off the request path) and metrics.
+
+Every request that reaches the service is accounted exactly once, whatever its outcome:
+answered, refused, failed, or cancelled by a client that went away (see :meth:`_finish`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from typing import TypeVar
+from dataclasses import replace
+from typing import Protocol, TypeVar
 
+from headrace.accounting.tokens import TokenCounter
 from headrace.domain import (
     Call,
     ChatChunk,
@@ -21,15 +29,26 @@ from headrace.domain import (
     EmbeddingResponse,
     Price,
     Usage,
+    UsageRecord,
 )
 from headrace.errors import HeadraceError, PermissionDeniedError
 from headrace.gateway.admission import Admission
 from headrace.gateway.caching import HIT, ResponseCacher
+from headrace.gateway.quota import Estimate, QuotaGuard, Reservation
+from headrace.gateway.selection import ModelSelector
 from headrace.observability.metrics import Metrics
 from headrace.routing.catalog import Catalog
 from headrace.routing.router import Router
 
 _Answer = TypeVar("_Answer", ChatResponse, EmbeddingResponse)
+
+CANCELLED_STATUS = 499  # the client went away before the answer was complete (nginx's code)
+
+
+class UsageRecorder(Protocol):
+    def record(self, record: UsageRecord) -> None:
+        """Take one record; must not block (the writer batches it to the store)."""
+        ...
 
 
 class GatewayService:
@@ -42,6 +61,11 @@ class GatewayService:
         cacher: ResponseCacher | None = None,
         *,
         prices: Mapping[str, Price] | None = None,
+        quota: QuotaGuard | None = None,
+        selector: ModelSelector | None = None,
+        tokens: TokenCounter | None = None,
+        usage: UsageRecorder | None = None,
+        default_completion_tokens: int = 1024,
     ) -> None:
         self._prices = prices or {}
         self._catalog = catalog
@@ -49,6 +73,22 @@ class GatewayService:
         self._admission = admission
         self._metrics = metrics
         self._cacher = cacher
+        self._quota = quota
+        self._selector = selector if selector else None
+        self._tokens = tokens
+        self._usage = usage
+        self._default_completion_tokens = default_completion_tokens
+        # Per model: the dearest deployment's price (reservations must not under-estimate) and
+        # the first deployment's (the baseline that selection-rule savings are measured by).
+        self._dearest: dict[str, Price] = {}
+        self._primary: dict[str, Price] = {}
+        for route in catalog.routes:
+            deployment_prices = [self._prices.get(d.name, Price()) for d in route.deployments]
+            if deployment_prices:
+                self._primary[route.name] = deployment_prices[0]
+                self._dearest[route.name] = max(
+                    deployment_prices, key=lambda p: (p.input_per_mtok, p.output_per_mtok)
+                )
 
     @property
     def catalog(self) -> Catalog:
@@ -62,13 +102,67 @@ class GatewayService:
     def cacher(self) -> ResponseCacher | None:
         return self._cacher
 
+    @property
+    def quota(self) -> QuotaGuard | None:
+        return self._quota
+
+    # -- admission: selection, model access, quota ------------------------------------------
+
     def _admit(self, call: Call, model: str, capability: str) -> None:
+        """The model must exist; the key must be allowed the model it asked for (a model a
+        selection rule chose instead is the operator's choice, not checked again)."""
         self._catalog.route(model, capability)
-        if call.principal is not None and not call.principal.may_use(model):
+        requested = call.requested_model or model
+        if call.principal is not None and not call.principal.may_use(requested):
             raise PermissionDeniedError(
-                f"This API key may not use the model {model!r}.", param="model"
+                f"This API key may not use the model {requested!r}.", param="model"
             )
         call.model = model
+
+    def _select(self, call: Call, request: ChatRequest) -> ChatRequest:
+        call.requested_model = request.model
+        if self._selector is None:
+            return request
+        model, _rule = self._selector.select(
+            request, call.principal, call.controls.hints, lambda: self._prompt_tokens(request)
+        )
+        if model == request.model:
+            return request
+        # The requested name may be virtual (e.g. "auto"): only the chosen model must exist.
+        return replace(request, model=model)
+
+    def _enter(self, call: Call, operation: str, request: ChatRequest) -> ChatRequest:
+        """Selection rules and model access; a refusal here is accounted like any other."""
+        try:
+            request = self._select(call, request)
+            self._admit(call, request.model, operation)
+        except HeadraceError as exc:
+            self._write_usage(call, operation, exc.status, type(exc).__name__)
+            raise
+        return request
+
+    def _prompt_tokens(self, request: ChatRequest) -> int:
+        return self._tokens.messages(request.messages) if self._tokens is not None else 0
+
+    def _estimate(self, call: Call, model: str, prompt: Callable[[], int], output: int) -> Estimate:
+        if not QuotaGuard.needs_estimate(call.principal):
+            return Estimate(0, 0)
+        usage = Usage(prompt_tokens=prompt(), completion_tokens=output)
+        cost = self._dearest.get(model, Price()).cost_micro_usd(usage)
+        return Estimate(usage.total_tokens, cost)
+
+    async def _reserve(
+        self, call: Call, operation: str, estimate: Callable[[], Estimate]
+    ) -> Reservation | None:
+        if self._quota is None or not QuotaGuard.applies(call.principal):
+            return None
+        try:
+            return await self._quota.reserve(call, estimate())
+        except HeadraceError as exc:
+            self._write_usage(call, operation, exc.status, type(exc).__name__)
+            raise
+
+    # -- accounting ---------------------------------------------------------------------------
 
     def _charge(self, call: Call, usage: Usage) -> None:
         """Price the answer by the deployment that gave it; a degraded answer is free."""
@@ -82,8 +176,7 @@ class GatewayService:
             self._metrics.cost.labels(key, call.model or "").inc(cost / 1_000_000)
 
     def _record(self, call: Call, operation: str, usage: Usage, error: str = "") -> None:
-        if not error:
-            self._charge(call, usage)
+        self._charge(call, usage)  # a failed stream still pays for the output it delivered
         model = call.model or ""
         self._metrics.operation_duration.labels(operation, model, error).observe(
             call.upstream_ns / 1e9
@@ -93,13 +186,99 @@ class GatewayService:
         if usage.completion_tokens:
             self._metrics.tokens.labels(operation, model, "output").observe(usage.completion_tokens)
 
+    async def _finish(
+        self,
+        call: Call,
+        operation: str,
+        reservation: Reservation | None,
+        error: BaseException | None,
+        *,
+        stream: bool = False,
+    ) -> None:
+        """Settle the quota and write the usage record: once per request, whatever happened.
+
+        A cancelled request (the client went away) must not await: its settlement runs in a
+        task, and its record is written at once.
+        """
+        if error is None:
+            status, name = 200, None
+        elif isinstance(error, HeadraceError):
+            status, name = error.status, type(error).__name__
+        elif isinstance(error, asyncio.CancelledError | GeneratorExit):
+            status, name = CANCELLED_STATUS, "Cancelled"
+        else:
+            status, name = 500, type(error).__name__
+        usage = call.usage or Usage()
+        if reservation is not None and self._quota is not None:
+            cost = call.cost_micro_usd or 0
+            if status == CANCELLED_STATUS:
+                self._quota.settle_later(reservation, usage.total_tokens, cost)
+            else:
+                await self._quota.settle(reservation, usage.total_tokens, cost)
+        self._write_usage(call, operation, status, name, stream=stream)
+
+    def _write_usage(
+        self, call: Call, operation: str, status: int, error: str | None, *, stream: bool = False
+    ) -> None:
+        if self._usage is None:
+            return
+        usage = call.usage or Usage()
+        cost = call.cost_micro_usd or 0
+        model = call.model or ""
+        requested = call.requested_model or model
+        baseline = cost
+        if requested != model and not call.degraded and call.cache != HIT:
+            baseline = self._primary.get(requested, Price()).cost_micro_usd(usage)
+        call.baseline_cost_micro_usd = baseline
+        principal = call.principal
+        self._usage.record(
+            UsageRecord(
+                id=uuid.uuid4().hex,
+                request_id=call.request_id,
+                created_at=time.time(),
+                operation=operation,
+                key_id=principal.key_id if principal is not None else "",
+                team_id=principal.team_id if principal is not None else None,
+                model=model,
+                requested_model=requested,
+                deployment=call.deployment,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                cost_micro_usd=cost,
+                baseline_cost_micro_usd=baseline,
+                latency_ms=(time.perf_counter_ns() - call.started_ns) / 1e6,
+                status=status,
+                error=error,
+                cache_hit=call.cache == HIT,
+                degraded=call.degraded,
+                stream=stream,
+            )
+        )
+
     # -- chat -------------------------------------------------------------------------------
 
     async def chat(self, call: Call, request: ChatRequest) -> ChatResponse:
-        self._admit(call, request.model, "chat")
-        if self._cacher is None:
-            return await self._upstream_chat(call, request)
-        return await self._cacher.chat(call, request, lambda: self._upstream_chat(call, request))
+        request = self._enter(call, "chat", request)
+        reservation = await self._reserve(call, "chat", lambda: self._chat_estimate(call, request))
+        try:
+            if self._cacher is None:
+                response = await self._upstream_chat(call, request)
+            else:
+                response = await self._cacher.chat(
+                    call, request, lambda: self._upstream_chat(call, request)
+                )
+        except BaseException as exc:
+            await self._finish(call, "chat", reservation, exc)
+            raise
+        await self._finish(call, "chat", reservation, None)
+        return response
+
+    def _chat_estimate(self, call: Call, request: ChatRequest) -> Estimate:
+        output = request.max_tokens
+        if output is None:
+            output = self._default_completion_tokens
+        return self._estimate(call, request.model, lambda: self._prompt_tokens(request), output)
 
     async def _upstream_chat(self, call: Call, request: ChatRequest) -> ChatResponse:
         return await self._upstream(call, "chat", lambda: self._router.chat(call, request))
@@ -126,15 +305,19 @@ class GatewayService:
     ) -> AsyncGenerator[ChatChunk, None]:
         """Chunks as the upstream sends them; the usage chunk only if the client asked.
 
-        Cancelling the consumer closes the upstream stream (the ``finally`` blocks).
+        Cancelling the consumer closes the upstream stream (the ``finally`` blocks). A stream
+        that ends without the upstream's usage (cut, or the client left) is charged for the
+        prompt estimate and the text that was streamed, counted by the tokenizer.
         """
-        self._admit(call, request.model, "chat")
+        request = self._enter(call, "chat", request)
+        reservation = await self._reserve(call, "chat", lambda: self._chat_estimate(call, request))
         if self._cacher is None:
             chunks = self._upstream_stream(call, request)
         else:
             chunks = self._cacher.stream(
                 call, request, lambda: self._upstream_stream(call, request)
             )
+        error: BaseException | None = None
         try:
             async for received in chunks:
                 chunk = received
@@ -151,14 +334,19 @@ class GatewayService:
                             continue
                         chunk = ChatChunk({k: v for k, v in chunk.body.items() if k != "usage"})
                 yield chunk
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             await chunks.aclose()
+            await self._finish(call, "chat", reservation, error, stream=True)
 
     async def _upstream_stream(
         self, call: Call, request: ChatRequest
     ) -> AsyncGenerator[ChatChunk, None]:
         error = ""
-        usage = Usage()
+        usage: Usage | None = None
+        text: list[str] = []
         async with self._admission.slot(call.controls.priority):
             chunks = self._router.stream_chat(call, request)
             try:
@@ -172,16 +360,57 @@ class GatewayService:
                         call.upstream_ns += time.perf_counter_ns() - started
                     if chunk.usage is not None:
                         usage = chunk.usage
+                    else:
+                        _collect_text(chunk, text)
                     yield chunk
             except HeadraceError as exc:
                 error = type(exc).__name__
                 raise
             finally:
                 await chunks.aclose()
-                self._record(call, "chat", usage, error)
+                if usage is None and text:
+                    # No usage from upstream (a cut stream, or the client left): charge what
+                    # was evidently used rather than nothing.
+                    usage = Usage(
+                        prompt_tokens=self._prompt_tokens(request),
+                        completion_tokens=self._tokens.text("".join(text)) if self._tokens else 0,
+                    )
+                    call.usage = usage
+                self._record(call, "chat", usage or Usage(), error)
 
     # -- embeddings -------------------------------------------------------------------------
 
     async def embed(self, call: Call, request: EmbeddingRequest) -> EmbeddingResponse:
-        self._admit(call, request.model, "embeddings")
-        return await self._upstream(call, "embeddings", lambda: self._router.embed(call, request))
+        call.requested_model = request.model
+        try:
+            self._admit(call, request.model, "embeddings")
+        except HeadraceError as exc:
+            self._write_usage(call, "embeddings", exc.status, type(exc).__name__)
+            raise
+
+        def estimate() -> Estimate:
+            return self._estimate(
+                call, request.model, lambda: sum(map(self._tokens_of, request.inputs)), 0
+            )
+
+        reservation = await self._reserve(call, "embeddings", estimate)
+        try:
+            response = await self._upstream(
+                call, "embeddings", lambda: self._router.embed(call, request)
+            )
+        except BaseException as exc:
+            await self._finish(call, "embeddings", reservation, exc)
+            raise
+        await self._finish(call, "embeddings", reservation, None)
+        return response
+
+    def _tokens_of(self, text: str) -> int:
+        return self._tokens.text(text) if self._tokens is not None else 0
+
+
+def _collect_text(chunk: ChatChunk, into: list[str]) -> None:
+    for choice in chunk.body.get("choices") or ():
+        delta = choice.get("delta") or {}
+        content = delta.get("content")
+        if isinstance(content, str):
+            into.append(content)

@@ -152,5 +152,24 @@ class Metrics:
             registry=r,
         )
 
+        self.quota_refusals = Counter(
+            "headrace_quota_refusals",
+            "Requests refused by a key's or team's quota, by scope and limit.",
+            ["scope", "limit"],
+            registry=r,
+        )
+        self.usage_records = Gauge(
+            "headrace_usage_records",
+            "Usage records since start by outcome (written, spooled, replayed, unspooled).",
+            ["outcome"],
+            registry=r,
+        )
+        self.usage_pending = Gauge(
+            "headrace_usage_pending", "Usage records not yet in the database.", registry=r
+        )
+        self.usage_spooling = Gauge(
+            "headrace_usage_spooling", "1 while usage records go to the spool.", registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
