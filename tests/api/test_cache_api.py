@@ -201,3 +201,29 @@ async def test_cost_header_and_metric(gateway: GatewayFactory) -> None:
     metrics = (await client.get("/metrics")).text
     assert 'headrace_cost_usd_total{key="admin-env",model="echo"} 2.5e-05' in metrics
     assert "headrace_cache_saved_cost_usd_total 2.5e-05" in metrics
+
+
+async def test_coalesced_followers_count_the_cost_they_saved(gateway: GatewayFactory) -> None:
+    from headrace.config import DeploymentConfig, ModelConfig, PriceConfig
+
+    priced = [
+        ModelConfig(
+            name="echo",
+            deployments=[
+                DeploymentConfig(
+                    provider="echo",
+                    model="e",
+                    price=PriceConfig(input_per_mtok_usd=2.5, output_per_mtok_usd=10),
+                    options={"delay_s": 0.2},
+                )
+            ],
+        )
+    ]
+    client, _ = await gateway(models=priced)
+    # 5 JSON requests and 5 streams, each group led by one upstream call (25 micro-dollars).
+    stream = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    await asyncio.gather(
+        *(post(client) for _ in range(5)), *(post(client, stream) for _ in range(5))
+    )
+    metrics = (await client.get("/metrics")).text
+    assert "headrace_cache_saved_cost_usd_total 0.0002" in metrics  # 8 followers x 25 µ$

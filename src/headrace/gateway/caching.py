@@ -80,15 +80,19 @@ class _Broadcast:
         self.chunks: list[ChatChunk] = []
         self.done = False
         self.error: BaseException | None = None
+        self.saved: dict[str, Any] = {}  # usage and deployment, for followers' saved cost
         self._changed = asyncio.Event()
 
     def push(self, chunk: ChatChunk) -> None:
         self.chunks.append(chunk)
         self._wake()
 
-    def finish(self, error: BaseException | None = None) -> None:
+    def finish(
+        self, error: BaseException | None = None, saved: dict[str, Any] | None = None
+    ) -> None:
         self.done = True
         self.error = error
+        self.saved = saved or {}
         self._wake()
 
     def _wake(self) -> None:
@@ -137,7 +141,7 @@ class ResponseCacher:
         self._shared = shared_namespace
         self._flight_timeout_s = flight_timeout_s
         self._clock = clock
-        self._json_flights: dict[str, asyncio.Future[ChatResponse]] = {}
+        self._json_flights: dict[str, asyncio.Future[tuple[ChatResponse, str | None]]] = {}
         self._stream_flights: dict[str, _Broadcast] = {}
 
     @property
@@ -223,15 +227,24 @@ class ResponseCacher:
         except CacheUnavailableError as exc:
             log.warning("cache_unavailable", error=str(exc))
 
-    def _hit(self, call: Call, stored: Mapping[str, Any]) -> None:
+    def _hit(self, call: Call, stored: Mapping[str, Any] | None) -> None:
+        """Count a hit; ``stored`` (usage and deployment) prices the upstream call it saved.
+
+        A follower of a stream still in flight passes None and counts the saving when the
+        leader's stream completes (:meth:`_count_saving`).
+        """
         self._outcome(call, HIT)
+        if stored is not None:
+            self._count_saving(stored)
+        call.usage = Usage()  # nothing is billed for a hit
+        call.cost_micro_usd = 0
+
+    def _count_saving(self, stored: Mapping[str, Any]) -> None:
         usage = Usage.from_openai(stored.get("usage")) or Usage()
         price = self._prices.get(str(stored.get("deployment")), Price())
         saved = price.cost_micro_usd(usage)
         if saved:
             self._metrics.cache_saved_usd.inc(saved / 1_000_000)
-        call.usage = Usage()  # nothing is billed for a hit
-        call.cost_micro_usd = 0
 
     async def _semantic_probe(self, call: Call, request: ChatRequest, kind: str) -> Probe | None:
         if self._semantic is None or call.controls.cache.no_cache:
@@ -277,7 +290,7 @@ class ResponseCacher:
             self._outcome(call, BYPASS)
             response = await compute()
             if key is not None:
-                await self._write(call, request, key, self._json_value(call, response))
+                await self._write(call, request, key, self._json_value(response, call.deployment))
             return response
         try:
             stored = await self._read(call, key)
@@ -301,13 +314,13 @@ class ResponseCacher:
             leader = self._json_flights.get(key)
             if leader is not None:
                 try:
-                    response = await asyncio.wait_for(
+                    response, deployment = await asyncio.wait_for(
                         asyncio.shield(leader), self._flight_timeout_s
                     )
                 except Exception as exc:  # the leader failed: serve this one ourselves
                     log.info("single_flight_leader_failed", error=type(exc).__name__)
                 else:
-                    self._hit(call, {"usage": response.usage.to_openai()})
+                    self._hit(call, self._json_value(response, deployment))
                     return ChatResponse(body=response.body, usage=Usage())
             if await self._lead_elsewhere(key):
                 stored = await self._read_quietly(call, key)
@@ -325,7 +338,9 @@ class ResponseCacher:
         probe: Probe | None = None,
     ) -> ChatResponse:
         self._outcome(call, MISS)
-        flight: asyncio.Future[ChatResponse] = asyncio.get_running_loop().create_future()
+        flight: asyncio.Future[tuple[ChatResponse, str | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
         self._json_flights[key] = flight
         try:
             response = await compute()
@@ -334,9 +349,9 @@ class ResponseCacher:
             flight.exception()  # mark retrieved: followers may all be gone
             raise
         else:
-            flight.set_result(response)
+            flight.set_result((response, call.deployment))
             if not call.degraded:
-                value = self._json_value(call, response)
+                value = self._json_value(response, call.deployment)
                 await self._write(call, request, key, value)
                 await self._semantic_store(call, probe, value)
             return response
@@ -346,11 +361,11 @@ class ResponseCacher:
             await self._release(key)
 
     @staticmethod
-    def _json_value(call: Call, response: ChatResponse) -> dict[str, Any]:
+    def _json_value(response: ChatResponse, deployment: str | None) -> dict[str, Any]:
         return {
             "body": response.body,
             "usage": response.usage.to_openai(),
-            "deployment": call.deployment,
+            "deployment": deployment,
         }
 
     # -- streams -----------------------------------------------------------------------------
@@ -412,14 +427,19 @@ class ResponseCacher:
         if stored is None:
             broadcast = self._stream_flights.get(key)
             if broadcast is not None and not broadcast.done:
-                self._hit(call, {})
-                return broadcast.follow()
+                self._hit(call, None)
+                return self._follow(broadcast)
             if await self._lead_elsewhere(key):
                 stored = await self._read_quietly(call, key)
         if stored is None:
             return None
         self._hit(call, stored)
         return _replay(stored)
+
+    async def _follow(self, broadcast: _Broadcast) -> AsyncGenerator[ChatChunk, None]:
+        async for chunk in broadcast.follow():
+            yield chunk
+        self._count_saving(broadcast.saved)
 
     async def _stream_and_store(
         self,
@@ -448,7 +468,7 @@ class ResponseCacher:
         finally:
             await chunks.aclose()
         if broadcast is not None:
-            broadcast.finish()
+            broadcast.finish(saved={"usage": usage.to_openai(), "deployment": call.deployment})
         if key is not None and not call.degraded:
             value = {"chunks": bodies, "usage": usage.to_openai(), "deployment": call.deployment}
             await self._write(call, request, key, value)
