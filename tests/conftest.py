@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -79,17 +80,15 @@ def redis_url() -> str | None:
     return os.environ.get("HEADRACE_TEST_REDIS_URL")
 
 
-@pytest.fixture
-def fresh_database_url(database_url: str | None) -> Iterator[str]:
-    """A new, empty PostgreSQL database for this test alone (dropped afterwards), as a URL.
+@contextlib.contextmanager
+def fresh_database(database_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database (dropped afterwards), as a URL.
 
-    Created on the server of ``HEADRACE_TEST_DATABASE_URL`` as ``hr_test_<random hex>``, from
-    ``template0`` (which nobody can be connected to, so concurrent creations never collide);
-    the URL keeps the credentials and uses ``postgresql+psycopg``. Skips when the variable is
-    unset. The drop forces out any connection the test left open.
+    Created on the server of ``database_url`` as ``hr_test_<random hex>``, from ``template0``
+    (which nobody can be connected to, so concurrent creations never collide); the URL keeps
+    the credentials and uses ``postgresql+psycopg``. The drop forces out any connection left
+    open.
     """
-    if not database_url:
-        pytest.skip("set HEADRACE_TEST_DATABASE_URL to run against PostgreSQL")
     server = sqlalchemy.make_url(database_url).set(drivername="postgresql+psycopg")
     name = f"hr_test_{uuid.uuid4().hex}"
     admin = _admin_engine(server)
@@ -103,6 +102,15 @@ def fresh_database_url(database_url: str | None) -> Iterator[str]:
                 conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         admin.dispose()
+
+
+@pytest.fixture
+def fresh_database_url(database_url: str | None) -> Iterator[str]:
+    """:func:`fresh_database` for this test alone; skips without HEADRACE_TEST_DATABASE_URL."""
+    if not database_url:
+        pytest.skip("set HEADRACE_TEST_DATABASE_URL to run against PostgreSQL")
+    with fresh_database(database_url) as url:
+        yield url
 
 
 def _admin_engine(server: sqlalchemy.URL) -> sqlalchemy.Engine:

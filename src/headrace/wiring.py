@@ -349,6 +349,8 @@ def build_runtime(settings: Settings, *, store: Store | None = None) -> Runtime:
         store, enabled=settings.auth.enabled, cache_ttl_s=settings.auth.key_cache_ttl_s
     )
     readiness: dict[str, Check] = {"store": store.check}
+    # A store outage degrades: cached keys keep working and usage records wait in the spool.
+    optional: set[str] = {"store"}
     for name, provider in providers.items():
         readiness[f"deployment:{name}"] = provider.check
     catalog = Catalog(routes)
@@ -370,7 +372,6 @@ def build_runtime(settings: Settings, *, store: Store | None = None) -> Runtime:
         metrics=metrics,
     )
     cacher = build_cacher(settings, routes, metrics, router)
-    optional: set[str] = set()
     if cacher is not None:
         readiness["cache"] = cacher.cache.check
         optional.add("cache")  # a cache that is down is bypassed, not fatal

@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from tests.conftest import fresh_database
 from tests.e2e.conftest import ADMIN_KEY, Server, free_port, start
 
 pytestmark = pytest.mark.e2e
@@ -72,17 +73,8 @@ def database() -> Iterator[str]:
     """A brand-new PostgreSQL database for this module's two gateways."""
     if not (DATABASE_URL and REDIS_URL):
         pytest.skip("set HEADRACE_TEST_DATABASE_URL and HEADRACE_TEST_REDIS_URL")
-    name = f"hr_e2e_{uuid.uuid4().hex[:12]}"
-
-    async def admin(statement: str) -> None:
-        engine = create_async_engine(DATABASE_URL, isolation_level="AUTOCOMMIT")
-        async with engine.connect() as conn:
-            await conn.execute(text(statement))
-        await engine.dispose()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    yield DATABASE_URL.rsplit("/", 1)[0] + f"/{name}"
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_database(DATABASE_URL) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -96,3 +96,27 @@ async def test_forget_drops_cached_lookups_at_once() -> None:
 async def test_disabled_auth_lets_everyone_in() -> None:
     principal = await Authenticator(MemoryStore(), enabled=False).authenticate(None)
     assert principal.key_id == "anonymous"
+
+
+async def test_a_store_outage_is_503_but_cached_keys_keep_working() -> None:
+    from headrace.domain import ApiKey
+    from headrace.errors import OverloadedError
+
+    class FlakyStore(MemoryStore):
+        down = False
+
+        async def get_by_hash(self, secret_hash: str) -> ApiKey | None:
+            if self.down:
+                raise ConnectionError("database unreachable")
+            return await super().get_by_hash(secret_hash)
+
+    store = FlakyStore()
+    known, unknown = new_secret(), new_secret()
+    await store.put(new_key(known, role=Role.USER, name="known"))
+    auth = Authenticator(store, cache_ttl_s=60)
+    await auth.authenticate(f"Bearer {known}")
+    store.down = True
+    assert (await auth.authenticate(f"Bearer {known}")).role is Role.USER
+    with pytest.raises(OverloadedError) as info:
+        await auth.authenticate(f"Bearer {unknown}")
+    assert (info.value.status, info.value.code) == (503, "store_unavailable")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headrace.domain import NO_QUOTA, ApiKey, Principal, Quota, Role
-from headrace.errors import AuthenticationError
+from headrace.errors import AuthenticationError, OverloadedError
 from headrace.store.base import KeyStore, Store
 
 SECRET_PREFIX = "hr_"  # noqa: S105 - a visible prefix, not a secret
@@ -111,10 +111,18 @@ class Authenticator:
         now = self._clock()
         cached = self._cache.get(digest)
         if cached is None or cached.expires_at <= now:
-            key = await self._store.get_by_hash(digest)
+            try:
+                key = await self._store.get_by_hash(digest)
+                team = await self._store.get_team(key.team_id) if key and key.team_id else None
+            except Exception as exc:  # noqa: BLE001 - any store failure is an outage to the client
+                raise OverloadedError(
+                    "The key store is unreachable, so this key cannot be checked; keys used "
+                    "recently still work. Retry shortly.",
+                    code="store_unavailable",
+                    headers={"Retry-After": "5"},
+                ) from exc
             principal = None
             if key is not None and not key.revoked and hmac.compare_digest(key.secret_hash, digest):
-                team = await self._store.get_team(key.team_id) if key.team_id else None
                 principal = Principal(
                     key_id=key.id,
                     role=key.role,
