@@ -114,7 +114,7 @@ class Authenticator:
             try:
                 key = await self._store.get_by_hash(digest)
                 team = await self._store.get_team(key.team_id) if key and key.team_id else None
-            except Exception as exc:  # noqa: BLE001 - any store failure is an outage to the client
+            except Exception as exc:  # any store failure is an outage to the client
                 raise OverloadedError(
                     "The key store is unreachable, so this key cannot be checked; keys used "
                     "recently still work. Retry shortly.",
