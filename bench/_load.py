@@ -47,6 +47,11 @@ class LoadSpec:
     warmup_s: float = 1.0
     timeout_s: float = 10.0  # per request
 
+    @property
+    def warmup_count(self) -> int:
+        """open: the requests sent to warm up (closed mode warms up for ``warmup_s``)."""
+        return max(1, int(self.rate * self.warmup_s))
+
 
 @dataclass(slots=True)
 class LoadResult:
@@ -127,7 +132,7 @@ class _Runner:
     async def phase(self, result: LoadResult, *, warmup: bool) -> None:
         spec = self.spec
         if spec.mode == "open":
-            count = max(1, int(spec.rate * spec.warmup_s)) if warmup else spec.count
+            count = spec.warmup_count if warmup else spec.count
             await self.open_loop(count, result)
         else:
             await self.closed_loop(spec.warmup_s if warmup else spec.duration_s, result)

@@ -34,26 +34,53 @@ CHAT_PATH = "/v1/chat/completions"
 
 @dataclass(frozen=True, slots=True)
 class Servers:
-    """The processes whose CPU every block reads."""
+    """The processes whose CPU every block reads.
+
+    With several gateways, ``gateway`` is the one being measured and ``idle`` the others;
+    ``helpers`` are more processes by role (e.g. ``("redis", pid)``). Their CPU is read too,
+    each under its role, so that it is not blamed on other processes.
+    """
 
     mock: Server
     gateway: Server
+    idle: tuple[Server, ...] = ()
+    helpers: tuple[tuple[str, int], ...] = ()
 
     def cpu_s(self) -> dict[str, float]:
-        """Cumulative CPU seconds by role, ``mock`` and ``gateway``."""
-        return {
+        """Cumulative CPU seconds by role: ``mock``, ``gateway``, ``idle`` and the helpers'."""
+        cpu = {
             "mock": CpuSample.of(self.mock.pid).cpu_s,
             "gateway": CpuSample.of(self.gateway.pid).cpu_s,
         }
+        if self.idle:
+            cpu["idle"] = sum(CpuSample.of(server.pid).cpu_s for server in self.idle)
+        for role, pid in self.helpers:
+            cpu[role] = CpuSample.of(pid).cpu_s
+        return cpu
+
+    def serving(self, target: Target) -> Servers:
+        """These servers with ``target``'s gateway as the measured one (unchanged for a
+        direct target or the measured gateway itself)."""
+        chosen = target.gateway
+        if chosen is None or chosen is self.gateway:
+            return self
+        rest = tuple(s for s in (self.gateway, *self.idle) if s is not chosen)
+        return Servers(self.mock, chosen, rest, self.helpers)
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where one side sends: the mock itself (``gateway`` None) or a gateway in front of it."""
+    """Where one side sends: the mock itself (``gateway`` None) or a gateway in front of it,
+    with ``key`` as the bearer key (the admin key unless said otherwise)."""
 
     label: str
     server: Server
     gateway: Server | None
+    key: str = _procs.ADMIN_KEY
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
 
 
 @dataclass(slots=True)
@@ -74,6 +101,7 @@ class Phase:
     mock_requests: int = 0
     gateway_rss_mib: float = math.nan
     repeated: int = 0  # blocks measured again because other processes disturbed them
+    unmeasured: int = 0  # requests sent but not in the figures: warm-up, blocks measured again
 
     @staticmethod
     def of_block(result: LoadResult) -> Phase:
@@ -105,6 +133,12 @@ class Phase:
         self.overhead_buckets = [(le, earlier.get(le, 0.0) + n) for le, n in part.overhead_buckets]
         if not math.isnan(part.gateway_rss_mib):
             self.gateway_rss_mib = part.gateway_rss_mib
+        self.unmeasured += part.unmeasured
+
+    @property
+    def sent(self) -> int:
+        """Every request this side's load generator sent, measured or not."""
+        return self.ok + self.errors + self.unmeasured
 
     @property
     def latency(self) -> _report.Dist:
@@ -154,6 +188,7 @@ def _mock_total(mock: Server) -> int:
 
 def _block(handle: _procs.LoadHandle, target: Target, servers: Servers) -> Phase:
     """One measured block; the HTTP reads sit outside the CPU window so as not to count."""
+    servers = servers.serving(target)
     buckets, mock_before = _overhead_buckets(target.gateway), _mock_total(servers.mock)
     cpu = servers.cpu_s()
     machine = process_cpu_s()
@@ -187,25 +222,26 @@ def open_loop(
 ) -> dict[str, Phase]:
     """``count`` requests per side at ``rate``/s, in ``blocks`` alternating blocks."""
     per_block = math.ceil(count / blocks)
-    phases = {t.label: Phase() for t in targets}
+    specs = {
+        t.label: LoadSpec(
+            mode="open",
+            url=t.server.url + CHAT_PATH,
+            body=json.dumps(STREAM if stream else CHAT),
+            headers=t.headers,
+            stream=stream,
+            rate=rate,
+            count=per_block,
+            warmup_s=warmup_s,
+        )
+        for t in targets
+    }
+    phases = {label: Phase(unmeasured=spec.warmup_count) for label, spec in specs.items()}
     with contextlib.ExitStack() as stack:
         handles = {
-            t.label: stack.enter_context(
-                _procs.load_generator(
-                    LoadSpec(
-                        mode="open",
-                        url=t.server.url + CHAT_PATH,
-                        body=json.dumps(STREAM if stream else CHAT),
-                        headers=AUTH,
-                        stream=stream,
-                        rate=rate,
-                        count=per_block,
-                        warmup_s=warmup_s,
-                    ),
-                    timeout_s=per_block / rate + warmup_s + 60,
-                )
+            label: stack.enter_context(
+                _procs.load_generator(spec, timeout_s=per_block / rate + warmup_s + 60)
             )
-            for t in targets
+            for label, spec in specs.items()
         }
         for block in range(blocks):
             for target in _order(targets, block):
@@ -213,6 +249,7 @@ def open_loop(
                 part = _block(handles[target.label], target, servers)
                 while quiet.retry(part.other_core_share, part.elapsed_s):
                     phase.repeated += 1
+                    phase.unmeasured += part.ok + part.errors
                     part = _block(handles[target.label], target, servers)
                 phase.merge(part)
     return phases
@@ -229,6 +266,7 @@ class Saturation:
     loadgen_cpu_s: float = 0.0
     other_cpu_s: float = 0.0
     repeated: int = 0
+    server_cpu_s: dict[str, float] = field(default_factory=dict)
 
     def merge(self, part: Saturation) -> None:
         self.requests += part.requests
@@ -236,6 +274,12 @@ class Saturation:
         self.elapsed_s += part.elapsed_s
         self.loadgen_cpu_s += part.loadgen_cpu_s
         self.other_cpu_s += part.other_cpu_s
+        for name, seconds in part.server_cpu_s.items():
+            self.server_cpu_s[name] = self.server_cpu_s.get(name, 0.0) + seconds
+
+    def cpu_ms_per_request(self, role: str) -> float:
+        """CPU milliseconds of ``mock`` or ``gateway`` per 2xx answer."""
+        return 1000.0 * self.server_cpu_s.get(role, math.nan) / max(1, self.requests)
 
     @property
     def requests_per_s(self) -> float:
@@ -269,11 +313,11 @@ def saturation(
         if _wrk.available():
             tool = "wrk -t1"
             for target in targets:
-                _wrk.run(target.server.url + CHAT_PATH, body, AUTH, connections, warmup_s)
+                _wrk.run(target.server.url + CHAT_PATH, body, target.headers, connections, warmup_s)
 
             def measure(target: Target) -> Saturation:
                 url = target.server.url + CHAT_PATH
-                run = _wrk.run(url, body, AUTH, connections, block_s)
+                run = _wrk.run(url, body, target.headers, connections, block_s)
                 return Saturation(tool, run.ok, run.errors, run.elapsed_s, run.cpu_s)
 
         else:
@@ -285,7 +329,7 @@ def saturation(
                             mode="closed",
                             url=t.server.url + CHAT_PATH,
                             body=body,
-                            headers=AUTH,
+                            headers=t.headers,
                             concurrency=connections,
                             duration_s=block_s,
                             warmup_s=warmup_s,
@@ -314,10 +358,16 @@ def saturation(
 def _saturation_block(
     measure: Callable[[Target], Saturation], target: Target, servers: Servers
 ) -> Saturation:
-    cpu = sum(servers.cpu_s().values())
+    servers = servers.serving(target)
+    before = servers.cpu_s()
     machine = process_cpu_s()
     part = measure(target)
     machine = process_cpu_s() - machine
-    cpu = sum(servers.cpu_s().values()) - cpu
+    part.server_cpu_s = {role: now - before[role] for role, now in servers.cpu_s().items()}
+    if target.gateway is None:  # the gateway idles meanwhile: not this side's cost
+        part.server_cpu_s["idle"] = part.server_cpu_s.pop("gateway") + part.server_cpu_s.get(
+            "idle", 0.0
+        )
+    cpu = sum(part.server_cpu_s.values())
     part.other_cpu_s = max(0.0, machine - cpu - part.loadgen_cpu_s)
     return part

@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,12 +41,21 @@ def free_port() -> int:
         return port
 
 
-def http(method: str, url: str, body: object = None, timeout_s: float = 5.0) -> bytes:
-    """A blocking request to a local control endpoint (health, faults, stats, metrics)."""
+def http(
+    method: str,
+    url: str,
+    body: object = None,
+    timeout_s: float = 5.0,
+    headers: Mapping[str, str] | None = None,
+) -> bytes:
+    """A blocking request to a local control endpoint (health, faults, stats, metrics, the
+    admin API with ``headers`` carrying its key)."""
     assert url.startswith("http://127.0.0.1:"), url
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)
     request.add_header("Content-Type", "application/json")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         payload: bytes = response.read()
         return payload
@@ -201,21 +210,41 @@ class Launcher:
         log = self.workdir / "mock.log"
         return self._start(Server("mock-upstream", argv, port, "/health", log, self.code.env()))
 
-    def gateway(self, name: str, config_yaml: str) -> Server:
+    def gateway(self, name: str, config_yaml: str, *, migrate: bool = False) -> Server:
         """``headrace serve`` with ``config_yaml``; the access log goes to ``<name>.log``, as a
-        log shipper would read it."""
+        log shipper would read it. With ``migrate``, ``python -m headrace migrate`` runs on the
+        same configuration first, as a deployment to PostgreSQL does."""
         config = self.workdir / f"{name}.yaml"
         config.write_text(config_yaml)
         data_dir = self.workdir / f"{name}-data"
         data_dir.mkdir(exist_ok=True)
+        env = {"HEADRACE_DATA_DIR": str(data_dir), **self.code.env()}
+        if migrate:
+            done = subprocess.run(
+                [PYTHON, "-m", "headrace", "migrate", "--config", str(config)],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"headrace migrate failed:\n{done.stdout}{done.stderr}")
         port = free_port()
         argv = [HEADRACE, "serve", "--config", str(config), "--port", str(port)]
-        env = {"HEADRACE_DATA_DIR": str(data_dir), **self.code.env()}
         log = self.workdir / f"{name}.log"
         return self._start(Server(name, argv, port, "/health/live", log, env))
 
 
-def mock_gateway_config(mock: Server, *, access_log: bool) -> str:
+def mock_gateway_config(
+    mock: Server, *, access_log: bool, price_per_mtok_usd: tuple[float, float] | None = None
+) -> str:
+    """One model, ``mock-model``, served by ``mock``; ``price_per_mtok_usd`` (input, output)
+    gives it a price, so that requests cost something and budgets move."""
+    price = ""
+    if price_per_mtok_usd is not None:
+        given, taken = price_per_mtok_usd
+        price = f"\n        price: {{input_per_mtok_usd: {given}, output_per_mtok_usd: {taken}}}"
     return f"""\
 log: {{access_log: {str(access_log).lower()}}}
 models:
@@ -223,7 +252,7 @@ models:
     deployments:
       - provider: openai_compatible
         model: mock-model
-        base_url: {mock.url}/v1
+        base_url: {mock.url}/v1{price}
 """
 
 

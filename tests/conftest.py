@@ -14,9 +14,11 @@ import pytest
 import sqlalchemy
 
 from headrace.api import create_app
+from headrace.api.wire import validate_job
 from headrace.config import DeploymentConfig, ModelConfig, Settings
 from headrace.store.memory import MemoryStore
 from headrace.wiring import Runtime, build_runtime
+from headrace.worker.process import attach_workers
 
 ADMIN_KEY = "hr_test-admin-key"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -55,7 +57,17 @@ async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     started: list[tuple[httpx.AsyncClient, Runtime]] = []
 
     async def factory(**overrides: Any) -> tuple[httpx.AsyncClient, Runtime]:
-        rt = build_runtime(make_settings(tmp_path, **overrides), store=MemoryStore())
+        # jobs=True, or jobs=JobsConfig(...): offer /v1/jobs with an in-process runner.
+        jobs = overrides.pop("jobs", False)
+        if not isinstance(jobs, bool):
+            overrides["jobs"] = jobs
+        rt = build_runtime(
+            make_settings(tmp_path, **overrides),
+            store=MemoryStore(),
+            validate_job=validate_job if jobs else None,
+        )
+        if jobs:
+            attach_workers(rt)
         app = create_app(rt)
         await rt.start()
         client = httpx.AsyncClient(

@@ -275,6 +275,48 @@ class SelectionRuleConfig(_Strict):
     use: str = Field(description="The model that serves a matching request.")
 
 
+class WebhooksConfig(_Strict):
+    signing_secret: SecretStr | None = Field(
+        None,
+        description="whsec_... secret that signs job webhooks (Standard Webhooks); default: "
+        "generated on first start into data_dir/webhook-secret. Set it when several "
+        "processes deliver webhooks.",
+    )
+    allow_private_targets: bool = Field(
+        False, description="Allow webhook URLs on loopback/private/link-local addresses."
+    )
+    allow_hosts: list[str] = Field(
+        default_factory=list, description="Host names allowed whatever they resolve to."
+    )
+    timeout_s: float = Field(10.0, gt=0)
+    max_attempts: int = Field(12, ge=1, description="Delivery attempts before giving up.")
+
+
+class JobsConfig(_Strict):
+    backend: Literal["sql", "procrastinate"] = Field(
+        "sql",
+        description="sql: the job table in the store's database, run by in-process runners; "
+        "procrastinate: PostgreSQL with Procrastinate dispatch to `headrace worker` processes.",
+    )
+    run_in_process: bool = Field(
+        True, description="`headrace serve` also runs jobs (off when workers run them)."
+    )
+    concurrency: int = Field(1000, ge=1, description="Jobs in flight per process.")
+    lease_s: float = Field(60.0, gt=0, description="A crashed worker's jobs run again after this.")
+    heartbeat_s: float = Field(15.0, gt=0)
+    max_attempts: int = Field(5, ge=1, description="Attempts before a job is a dead letter.")
+    retry_base_s: float = Field(1.0, gt=0)
+    retry_cap_s: float = Field(300.0, gt=0)
+    idempotency_ttl_s: float = Field(86_400.0, gt=0, description="How long keys are remembered.")
+    webhooks: WebhooksConfig = WebhooksConfig()
+
+    @model_validator(mode="after")
+    def _heartbeat_inside_lease(self) -> JobsConfig:
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError("jobs.heartbeat_s must be shorter than jobs.lease_s")
+        return self
+
+
 class LogConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -328,6 +370,7 @@ class Settings(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     usage: UsageConfig = UsageConfig()
+    jobs: JobsConfig = JobsConfig()
     models: list[ModelConfig] = Field(default_factory=default_models)
     selection: list[SelectionRuleConfig] = Field(
         default_factory=list,

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -30,6 +31,7 @@ from headrace.gateway.quota import QuotaGuard
 from headrace.gateway.selection import ModelSelector, SelectionRule
 from headrace.gateway.semantic import SemanticCache, SemanticPolicy
 from headrace.gateway.service import GatewayService
+from headrace.jobs.service import JobPolicy, JobService, Validate
 from headrace.limits.base import Limiter
 from headrace.limits.fallback import FallbackLimiter
 from headrace.limits.memory import MemoryLimiter
@@ -38,6 +40,7 @@ from headrace.providers import registry
 from headrace.providers.base import Provider
 from headrace.providers.batching import BatchingProvider
 from headrace.providers.http import SessionPool
+from headrace.queue.base import JobQueue
 from headrace.routing.breaker import BreakerConfig
 from headrace.routing.catalog import Catalog
 from headrace.routing.classify import ErrorClass
@@ -56,6 +59,31 @@ class HttpOptions:
 
     max_body_bytes: int
     access_log: bool
+
+
+class Service(Protocol):
+    """Background work a process runs beside the API (job runner, webhook outbox)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace_s: float = 30.0) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class JobsOptions:
+    """What a job runner and the webhook outbox need from settings."""
+
+    run_in_process: bool
+    concurrency: int
+    lease_s: float
+    heartbeat_s: float
+    retry_base_s: float
+    retry_cap_s: float
+    webhook_timeout_s: float
+    webhook_max_attempts: int
+    allow_private_webhooks: bool
+    allow_webhook_hosts: frozenset[str]
+    webhook_secret: str | None  # None: generated into data_dir on first start
 
 
 @dataclass(slots=True)
@@ -77,6 +105,11 @@ class Runtime:
     cache: ResponseCache | None = None
     limiter: Limiter | None = None
     usage: UsageWriter | None = None
+    jobs: JobService | None = None
+    job_queue: JobQueue | None = None
+    jobs_options: JobsOptions | None = None
+    services: list[Service] = field(default_factory=list)
+    on_job_submitted: Callable[[], None] | None = None  # wakes an in-process runner
     started_at: int = field(default_factory=lambda: int(time.time()))
     announce_admin_key: Callable[[str, Path], None] | None = None
 
@@ -88,11 +121,17 @@ class Runtime:
             await self.usage.start()
         if self.gateway.cacher is not None:
             await self.gateway.cacher.start()
+        if self.job_queue is not None:
+            await self.job_queue.start()
         self.new_admin_secret = await ensure_admin_key(self.store, self.data_dir, self.admin_secret)
         if self.new_admin_secret and self.announce_admin_key:
             self.announce_admin_key(self.new_admin_secret, self.data_dir)
+        for service in self.services:
+            await service.start()
 
     async def stop(self) -> None:
+        for service in reversed(self.services):
+            await service.stop()
         await asyncio.gather(
             *(provider.aclose() for provider in self.providers.values()),
             return_exceptions=True,
@@ -105,6 +144,8 @@ class Runtime:
         if self.usage is not None:
             await self.usage.aclose()  # flush: nothing accepted is left only in memory
         await self.http.aclose()
+        if self.job_queue is not None:
+            await self.job_queue.aclose()
         await self.store.aclose()
         cacher = self.gateway.cacher
         if cacher is not None:
@@ -281,11 +322,15 @@ def _spool_check(usage: UsageWriter) -> Check:
 def build_store(settings: Settings) -> Store:
     from headrace.store.sql import SqlStore
 
-    url = settings.resolved_database_url
+    return SqlStore(settings.resolved_database_url, migrate_on_start=_migrate_on_start(settings))
+
+
+def _migrate_on_start(settings: Settings) -> bool:
+    """Embedded SQLite migrates itself; PostgreSQL waits for `headrace migrate`."""
     migrate = settings.store.migrate_on_start
     if migrate is None:
-        migrate = url.startswith("sqlite")
-    return SqlStore(url, migrate_on_start=migrate)
+        return settings.resolved_database_url.startswith("sqlite")
+    return migrate
 
 
 def build_selector(settings: Settings) -> ModelSelector | None:
@@ -309,6 +354,41 @@ def build_selector(settings: Settings) -> ModelSelector | None:
     )
 
 
+def _sql_queue(settings: Settings) -> JobQueue:
+    from headrace.queue.sql import SqlJobQueue
+
+    return SqlJobQueue(settings.resolved_database_url, migrate_on_start=_migrate_on_start(settings))
+
+
+JOB_QUEUES: Mapping[str, Callable[[Settings], JobQueue]] = {"sql": _sql_queue}
+
+
+def build_jobs(settings: Settings, validate: Validate) -> tuple[JobService, JobQueue, JobsOptions]:
+    config = settings.jobs
+    queue = JOB_QUEUES[config.backend](settings)
+    hooks = config.webhooks
+    policy = JobPolicy(
+        max_attempts=config.max_attempts,
+        idempotency_ttl_s=config.idempotency_ttl_s,
+        allow_private_webhooks=hooks.allow_private_targets,
+        allow_webhook_hosts=frozenset(hooks.allow_hosts),
+    )
+    options = JobsOptions(
+        run_in_process=config.run_in_process,
+        concurrency=config.concurrency,
+        lease_s=config.lease_s,
+        heartbeat_s=config.heartbeat_s,
+        retry_base_s=config.retry_base_s,
+        retry_cap_s=config.retry_cap_s,
+        webhook_timeout_s=hooks.timeout_s,
+        webhook_max_attempts=hooks.max_attempts,
+        allow_private_webhooks=hooks.allow_private_targets,
+        allow_webhook_hosts=frozenset(hooks.allow_hosts),
+        webhook_secret=hooks.signing_secret.get_secret_value() if hooks.signing_secret else None,
+    )
+    return JobService(queue, validate, policy), queue, options
+
+
 def build_routes(settings: Settings) -> list[ModelRoute]:
     prices = PriceTable.load(settings.pricing.file)
     return [
@@ -321,8 +401,14 @@ def build_routes(settings: Settings) -> list[ModelRoute]:
     ]
 
 
-def build_runtime(settings: Settings, *, store: Store | None = None) -> Runtime:
-    """Build every service from ``settings``. Nothing is started or connected yet."""
+def build_runtime(
+    settings: Settings, *, store: Store | None = None, validate_job: Validate | None = None
+) -> Runtime:
+    """Build every service from ``settings``. Nothing is started or connected yet.
+
+    ``validate_job`` checks a job's request body at submission (the API passes its wire
+    parser); without it, jobs are not offered.
+    """
     routes = build_routes(settings)
     http = SessionPool()
     context = registry.ProviderContext(http=http)
@@ -395,6 +481,10 @@ def build_runtime(settings: Settings, *, store: Store | None = None) -> Runtime:
             flush_interval_s=u.flush_interval_s,
             max_buffer=u.max_buffer,
         )
+    jobs = job_queue = jobs_options = None
+    if validate_job is not None:
+        jobs, job_queue, jobs_options = build_jobs(settings, validate_job)
+        readiness["jobs"] = job_queue.check
     if usage is not None:
         readiness["usage"] = _spool_check(usage)
         optional.add("usage")  # records wait in the spool; nothing is lost
@@ -417,6 +507,9 @@ def build_runtime(settings: Settings, *, store: Store | None = None) -> Runtime:
         store=store,
         limiter=limiter,
         usage=usage,
+        jobs=jobs,
+        job_queue=job_queue,
+        jobs_options=jobs_options,
         providers=providers,
         http=http,
         http_options=HttpOptions(

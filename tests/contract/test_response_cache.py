@@ -49,7 +49,8 @@ async def backend(
         pytest.skip(NO_REDIS)
     from headrace.cache.redis import RedisCache
 
-    cache = RedisCache(redis_url, prefix=f"headrace-test:{uuid.uuid4().hex}:")
+    # A generous timeout: these tests check behaviour, and a loaded CI machine is slow to connect.
+    cache = RedisCache(redis_url, prefix=f"headrace-test:{uuid.uuid4().hex}:", socket_timeout_s=2.0)
     try:
         yield CacheUnderTest(cache, asyncio.sleep)
     finally:

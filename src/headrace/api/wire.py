@@ -7,11 +7,14 @@ check; the client's own JSON object travels on as ``body``.
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError
 
-from headrace.domain import ChatRequest, EmbeddingRequest
+from headrace.domain import ChatRequest, EmbeddingRequest, EmbeddingResponse, JobKind
 from headrace.errors import InvalidRequestError, ValidationFailedError
 
 
@@ -122,3 +125,33 @@ def embedding_request(body: Any) -> tuple[EmbeddingRequest, str]:
         dimensions=parsed.dimensions,
     )
     return request, parsed.encoding_format
+
+
+def _encode(vector: Sequence[float], encoding: str) -> object:
+    if encoding == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
+
+
+def embedding_body(answer: EmbeddingResponse, encoding: str) -> dict[str, Any]:
+    """OpenAI's embeddings response (vectors may be numpy: dump with OPT_SERIALIZE_NUMPY)."""
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": _encode(vector, encoding)}
+            for i, vector in enumerate(answer.vectors)
+        ],
+        "model": answer.model,
+        "usage": {
+            "prompt_tokens": answer.usage.prompt_tokens,
+            "total_tokens": answer.usage.prompt_tokens,
+        },
+    }
+
+
+def validate_job(kind: JobKind, body: Mapping[str, Any]) -> None:
+    """Check a job's request body as the synchronous route would (400 naming the field)."""
+    if kind is JobKind.CHAT:
+        chat_request(dict(body))
+    else:
+        embedding_request(dict(body))

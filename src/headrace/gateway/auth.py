@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from headrace.domain import NO_QUOTA, ApiKey, Principal, Quota, Role
+from headrace.domain import NO_QUOTA, ApiKey, Principal, Quota, Role, Team
 from headrace.errors import AuthenticationError, OverloadedError
 from headrace.store.base import KeyStore, Store
 
@@ -123,16 +123,7 @@ class Authenticator:
                 ) from exc
             principal = None
             if key is not None and not key.revoked and hmac.compare_digest(key.secret_hash, digest):
-                principal = Principal(
-                    key_id=key.id,
-                    role=key.role,
-                    team_id=key.team_id,
-                    allowed_models=key.allowed_models,
-                    metadata=key.metadata,
-                    quota=key.quota,
-                    team_quota=team.quota if team is not None else NO_QUOTA,
-                    expires_at=key.expires_at,
-                )
+                principal = _principal(key, team)
             cached = _Cached(principal, now + self._ttl)
             if len(self._cache) > 100_000:
                 self._cache.clear()
@@ -150,9 +141,35 @@ class Authenticator:
             )
         return principal
 
+    async def principal_of(self, key_id: str) -> Principal | None:
+        """The principal of a stored key by id (a worker acting for a job's key); None when
+        the key is gone, revoked or expired. Read fresh: jobs run long after submission."""
+        if not self._enabled:
+            return ANONYMOUS
+        key = await self._store.get_key(key_id)
+        if key is None or key.revoked:
+            return None
+        if key.expires_at is not None and key.expires_at <= self._wall_clock():
+            return None
+        team = await self._store.get_team(key.team_id) if key.team_id else None
+        return _principal(key, team)
+
     def forget(self) -> None:
         """Drop every cached lookup (after a revoke or key change)."""
         self._cache.clear()
+
+
+def _principal(key: ApiKey, team: Team | None) -> Principal:
+    return Principal(
+        key_id=key.id,
+        role=key.role,
+        team_id=key.team_id,
+        allowed_models=key.allowed_models,
+        metadata=key.metadata,
+        quota=key.quota,
+        team_quota=team.quota if team is not None else NO_QUOTA,
+        expires_at=key.expires_at,
+    )
 
 
 def _write_owner_only(path: Path, secret: str) -> None:

@@ -12,6 +12,8 @@ whole usage batch fail.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -24,6 +26,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData()
@@ -117,4 +120,135 @@ usage_daily = Table(
     Column("cache_hits", BigInteger, nullable=False),
     Column("errors", BigInteger, nullable=False),
     PrimaryKeyConstraint("day", "key_id", "team_id", "model", name="pk_usage_daily"),
+)
+
+# -- jobs (revision 0003) -------------------------------------------------------------------
+# The durable job queue (headrace.queue.sql). ``tenant`` is the fairness group: the team, or
+# the key for a key without a team. ``fair_seq`` is the job's virtual-time tag inside its
+# priority (see the queue's docstring). ``event_seq`` is the seq of the job's last event, so
+# the next event's seq comes from the same UPDATE that changes the job (no MAX(), no race).
+#
+# The worker-side indexes are partial, one per state the queue searches (queued, running,
+# dead): each holds only the rows in that state, so the claim reads the queue itself however
+# many finished jobs the table keeps, and no index on ``status`` can tempt the planner into
+# sorting the whole queue when its statistics are stale. Queries must spell the state as a
+# literal (``status = 'queued'``), not a bound parameter, for the planner to use them.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("team_id", String(64), nullable=True),
+    Column("tenant", String(64), nullable=False),
+    Column("priority", String(16), nullable=False),
+    Column("priority_rank", Integer, nullable=False),
+    Column("fair_seq", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("run_after", Float, nullable=False),
+    Column("deadline_at", Float, nullable=True),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("result", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("errors", Text, nullable=False),
+    Column("cost_micro_usd", BigInteger, nullable=False),
+    Column("metadata", Text, nullable=False),
+    Column("webhook_url", Text, nullable=True),
+    Column("batch_id", String(64), nullable=True),
+    Column("idempotency_key", Text, nullable=True),
+    Column("lease_owner", Text, nullable=True),
+    Column("lease_expires_at", Float, nullable=True),
+    Column("event_seq", Integer, nullable=False),
+    Index("ix_jobs_team_id_created_at", "team_id", "created_at"),
+    Index("ix_jobs_key_id_created_at", "key_id", "created_at"),
+    Index("ix_jobs_batch_id", "batch_id"),
+)
+
+
+def _where_status(status: str, extra: str = "") -> dict[str, Any]:  # dialect kwargs: **Any
+    predicate = f"status = '{status}'{extra}"
+    return {"postgresql_where": text(predicate), "sqlite_where": text(predicate)}
+
+
+# In the claim's order: ``ORDER BY priority_rank DESC, fair_seq, created_at LIMIT n``.
+Index(
+    "ix_jobs_claim",
+    jobs.c.priority_rank.desc(),
+    jobs.c.fair_seq,
+    jobs.c.created_at,
+    **_where_status("queued"),
+)
+Index(
+    "ix_jobs_tenant_queue",
+    jobs.c.tenant,
+    jobs.c.priority_rank,
+    jobs.c.fair_seq,
+    **_where_status("queued"),
+)
+# Only jobs that have a deadline: the claim (which does not say ``deadline_at IS NOT NULL``)
+# cannot use it, so it never competes with ix_jobs_claim for the claim query.
+Index(
+    "ix_jobs_queued_deadline_at",
+    jobs.c.deadline_at,
+    **_where_status("queued", " AND deadline_at IS NOT NULL"),
+)
+Index("ix_jobs_running_lease_expires_at", jobs.c.lease_expires_at, **_where_status("running"))
+Index("ix_jobs_dead_finished_at", jobs.c.finished_at, **_where_status("dead"))
+
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("job_id", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("detail", Text, nullable=False),
+    PrimaryKeyConstraint("job_id", "seq", name="pk_job_events"),
+)
+
+# Idempotency-Key records: the primary key is what makes concurrent duplicates create one job.
+job_idempotency = Table(
+    "job_idempotency",
+    metadata,
+    Column("scope", String(64), nullable=False),
+    Column("key", Text, nullable=False),
+    Column("body_hash", String(64), nullable=False),
+    Column("job_id", String(64), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    PrimaryKeyConstraint("scope", "key", name="pk_job_idempotency"),
+    Index("ix_job_idempotency_job_id", "job_id"),
+)
+
+webhook_outbox = Table(
+    "webhook_outbox",
+    metadata,
+    Column("event_id", String(64), primary_key=True),
+    Column("job_id", String(64), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("event_type", String(32), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("leased_until", Float, nullable=True),
+    Column("done", Boolean, nullable=False),
+    Index("ix_webhook_outbox_due", "done", "next_attempt_at"),
+    Index("ix_webhook_outbox_job_id", "job_id"),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("event_id", String(64), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("at", Float, nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("outcome", String(16), nullable=False),
+    Column("error", Text, nullable=True),
+    PrimaryKeyConstraint("event_id", "attempt", name="pk_webhook_deliveries"),
 )

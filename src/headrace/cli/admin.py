@@ -1,151 +1,24 @@
-"""The ``headrace`` command line."""
+"""Commands that drive a running gateway's admin API: cache, keys, teams, usage."""
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
-from pathlib import Path
-from types import FrameType
 from typing import Annotated
 
 import orjson
 import typer
 
-from headrace import __version__
-from headrace.config import ConfigError, Settings, load_settings
-
-app = typer.Typer(
-    name="headrace",
-    help="Headrace: an OpenAI-compatible AI gateway.",
-    no_args_is_help=True,
-    add_completion=False,
+from headrace.cli._common import (
+    AdminKeyOption,
+    ConfigOption,
+    UrlOption,
+    admin_call,
+    admin_key_of,
+    app,
 )
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="YAML config file; without one, the embedded default (local models, SQLite).",
-        exists=True,
-        dir_okay=False,
-        envvar="HEADRACE_CONFIG",
-    ),
-]
-
-
-def _settings(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-
-
-def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
-
-
-def _announce_admin_key(secret: str, data_dir: Path) -> None:
-    line = "-" * 72
-    typer.echo(
-        f"{line}\nHeadrace created an admin API key. It is shown only this once:\n\n"
-        f"    {secret}\n\nIt is also saved, readable only by you, in "
-        f"{data_dir / 'admin-key'}\n{line}",
-        err=True,
-    )
-
-
-@app.command()
-def serve(
-    config: ConfigOption = None,
-    host: Annotated[str | None, typer.Option(help="Overrides server.host.")] = None,
-    port: Annotated[int | None, typer.Option(help="Overrides server.port.")] = None,
-) -> None:
-    """Run the gateway."""
-    import uvicorn
-
-    from headrace.api import create_app
-    from headrace.observability.logging import configure_logging
-    from headrace.wiring import build_runtime
-
-    settings = _settings(config)
-    configure_logging(settings.log.level, settings.log.format)
-    runtime = build_runtime(settings)
-    runtime.announce_admin_key = _announce_admin_key
-    application = create_app(runtime)
-
-    server_host = host or settings.server.host
-    server_port = settings.server.port if port is None else port
-    typer.echo(f"Headrace {__version__} listening on http://{server_host}:{server_port}", err=True)
-    # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found: this one,
-    # so that a completed drain exits 0 rather than dying by the signal (status 143).
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(
-        application,
-        host=server_host,
-        port=server_port,
-        loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=int(settings.server.graceful_shutdown_s),
-        server_header=False,
-    )
-
-
-@app.command()
-def doctor(config: ConfigOption = None) -> None:
-    """Check the configuration, local models and every dependency; exit 1 if any fails."""
-    from headrace.doctor import run_doctor
-
-    settings = _settings(config)
-    ok = asyncio.run(run_doctor(settings, typer.echo))
-    raise typer.Exit(0 if ok else 1)
-
 
 cache_app = typer.Typer(help="Inspect and purge a running gateway's response cache.")
 app.add_typer(cache_app, name="cache")
-
-UrlOption = Annotated[
-    str, typer.Option("--url", envvar="HEADRACE_URL", help="The running gateway.")
-]
-AdminKeyOption = Annotated[
-    str | None,
-    typer.Option(
-        "--admin-key",
-        envvar="HEADRACE_ADMIN_KEY",
-        help="Default: the key saved in the data directory on first start.",
-    ),
-]
-
-
-def _admin_key(given: str | None, config: Path | None) -> str:
-    if given:
-        return given
-    path = _settings(config).data_dir / "admin-key"
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except OSError:
-        typer.echo(
-            f"No admin key: pass --admin-key or set HEADRACE_ADMIN_KEY ({path} is unreadable).",
-            err=True,
-        )
-        raise typer.Exit(2) from None
-
-
-def _admin_call(
-    url: str, key: str, method: str, path: str, query: dict[str, str], body: object = None
-) -> object:
-    from headrace.admin_client import AdminError, call
-
-    try:
-        return call(url, key, method, path, query, body=body)
-    except AdminError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from None
 
 
 @cache_app.command("stats")
@@ -155,7 +28,7 @@ def cache_stats(
     config: ConfigOption = None,
 ) -> None:
     """Entries, bytes, evictions and hit/miss/bypass counts."""
-    stats = _admin_call(url, _admin_key(admin_key, config), "GET", "/admin/cache", {})
+    stats = admin_call(url, admin_key_of(admin_key, config), "GET", "/admin/cache", {})
     assert isinstance(stats, dict)
     for name in ("entries", "bytes", "evictions"):
         typer.echo(f"{name:<10} {stats[name]}")
@@ -178,7 +51,7 @@ def cache_purge(
     if not query and not everything:
         typer.echo("Say what to purge: --model, --team, --key, or --all.", err=True)
         raise typer.Exit(2)
-    result = _admin_call(url, _admin_key(admin_key, config), "DELETE", "/admin/cache", query)
+    result = admin_call(url, admin_key_of(admin_key, config), "DELETE", "/admin/cache", query)
     assert isinstance(result, dict)
     typer.echo(f"purged {result['purged']} entries")
 
@@ -324,7 +197,7 @@ def keys_create(
     body.update(
         _limits(rpm, tpm, max_parallel, budget_usd, budget_period, soft_budget_ratio, metadata)
     )
-    created = _admin_call(url, _admin_key(admin_key, config), "POST", "/admin/keys", {}, body)
+    created = admin_call(url, admin_key_of(admin_key, config), "POST", "/admin/keys", {}, body)
     assert isinstance(created, dict)
     if as_json:
         _show(created, as_json=True)
@@ -348,7 +221,7 @@ def keys_list(
 ) -> None:
     """Every key (never a secret), oldest first."""
     query = {"team_id": team} if team else {}
-    answer = _admin_call(url, _admin_key(admin_key, config), "GET", "/admin/keys", query)
+    answer = admin_call(url, admin_key_of(admin_key, config), "GET", "/admin/keys", query)
     columns = ["id", "name", "team_id", "user", "role", "prefix", "expires_at", "revoked"]
     _listing(answer, columns, as_json)
 
@@ -362,8 +235,8 @@ def keys_show(
     config: ConfigOption = None,
 ) -> None:
     """A key's team, limits, budget, expiry and metadata."""
-    key = _admin_call(
-        url, _admin_key(admin_key, config), "GET", f"/admin/keys/{_quoted(key_id)}", {}
+    key = admin_call(
+        url, admin_key_of(admin_key, config), "GET", f"/admin/keys/{_quoted(key_id)}", {}
     )
     _show(key, as_json)
 
@@ -377,7 +250,7 @@ def keys_revoke(
 ) -> None:
     """Revoke a key for good: refused at once here, within auth.key_cache_ttl_s elsewhere."""
     path = f"/admin/keys/{_quoted(key_id)}/revoke"
-    _admin_call(url, _admin_key(admin_key, config), "POST", path, {})
+    admin_call(url, admin_key_of(admin_key, config), "POST", path, {})
     typer.echo(f"revoked {key_id}")
 
 
@@ -406,7 +279,7 @@ def teams_create(
     body.update(
         _limits(rpm, tpm, max_parallel, budget_usd, budget_period, soft_budget_ratio, metadata)
     )
-    team = _admin_call(url, _admin_key(admin_key, config), "POST", "/admin/teams", {}, body)
+    team = admin_call(url, admin_key_of(admin_key, config), "POST", "/admin/teams", {}, body)
     _show(team, as_json)
 
 
@@ -418,7 +291,7 @@ def teams_list(
     config: ConfigOption = None,
 ) -> None:
     """Every team, oldest first."""
-    answer = _admin_call(url, _admin_key(admin_key, config), "GET", "/admin/teams", {})
+    answer = admin_call(url, admin_key_of(admin_key, config), "GET", "/admin/teams", {})
     columns = ["id", "name", "organization", "rpm", "tpm", "budget_usd", "budget_period"]
     _listing(answer, columns, as_json)
 
@@ -432,8 +305,8 @@ def teams_show(
     config: ConfigOption = None,
 ) -> None:
     """A team's limits, budget and metadata."""
-    team = _admin_call(
-        url, _admin_key(admin_key, config), "GET", f"/admin/teams/{_quoted(team_id)}", {}
+    team = admin_call(
+        url, admin_key_of(admin_key, config), "GET", f"/admin/teams/{_quoted(team_id)}", {}
     )
     _show(team, as_json)
 
@@ -482,7 +355,7 @@ def usage(
         raise typer.Exit(2)
     filters = (("group_by", group_by), ("since", since), ("until", until), ("team_id", team))
     query = {k: v for k, v in (*filters, ("key_id", key), ("model", model)) if v}
-    answer = _admin_call(url, _admin_key(admin_key, config), "GET", "/admin/usage", query)
+    answer = admin_call(url, admin_key_of(admin_key, config), "GET", "/admin/usage", query)
     assert isinstance(answer, dict)
     if as_json:
         typer.echo(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode())
@@ -504,45 +377,3 @@ def usage(
             [f"{r[c]:.6f}" if c.endswith("_usd") else _cell(r[c]) for c in columns] for r in rows
         ]
         _table([*grouped, *_USAGE_TABLE.values()], cells)
-
-
-@app.command()
-def migrate(config: ConfigOption = None) -> None:
-    """Bring the database's schema to this release's head revision (safe to run again)."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from headrace.store.migrate import SchemaOutOfDateError
-    from headrace.store.migrate import migrate as upgrade
-
-    settings = _settings(config)
-    try:
-        applied = asyncio.run(upgrade(settings.resolved_database_url))
-    except (SchemaOutOfDateError, SQLAlchemyError, OSError) as exc:
-        typer.echo(f"migration failed: {exc}", err=True)
-        raise typer.Exit(1) from None
-    for revision in applied:
-        typer.echo(f"applied {revision}")
-    if not applied:
-        typer.echo("already at head")
-
-
-@app.command()
-def version() -> None:
-    """Print Headrace's version."""
-    typer.echo(__version__)
-
-
-def _register_mock_upstream() -> None:
-    from headrace.mock_upstream.command import mock_upstream_command
-
-    app.command(
-        "mock-upstream",
-        help="Run a fast OpenAI-compatible mock upstream with fault injection.",
-    )(mock_upstream_command)
-
-
-_register_mock_upstream()
-
-
-def main() -> None:
-    app()

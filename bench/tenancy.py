@@ -1,0 +1,673 @@
+"""What tenancy costs on the request path: a user key with limits and budgets, usage records.
+
+    .venv/bin/python bench/tenancy.py            # full run, about 4 minutes
+    .venv/bin/python bench/tenancy.py --quick    # about 1.5 minutes
+
+One ``headrace mock-upstream`` (0 ms) and three gateways in front of it, all running at once
+and measured in turns, block by block, with the mock alone as ``direct``:
+
+- ``baseline``: the gateway as bench/overhead.py runs it (admin key, no limits), usage
+  recording off;
+- ``memory``: a user key with RPM, TPM, parallel and budget limits, in a team with its own RPM
+  and budget, all too high to refuse; ``limits.backend: memory``; usage records into SQLite;
+- ``redis+postgres``: the same key and team, ``limits.backend: redis``, usage records into a
+  PostgreSQL database created for the run (``headrace migrate`` first) and dropped after.
+
+Prints overhead p50/p99 and gateway CPU per request at a fixed rate and at saturation, each
+configuration's delta over the baseline with the goals (<= 0.3 ms each), checks that each
+database holds one usage record per request, and measures the usage writer's PostgreSQL
+throughput with bench/usage_writer.py. bench/README.md explains the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import TYPE_CHECKING
+
+import redis
+import sqlalchemy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _procs
+import _quiet
+import _wrk
+from _phases import CHAT, CHAT_PATH, Phase, Saturation, Servers, Target, open_loop, saturation
+from _procs import Code, Launcher, Server
+from _quiet import Quiet
+from _report import Goal, Table, fmt, goals_table
+from overhead import Arrangement
+
+if TYPE_CHECKING:
+    from usage_writer import Run
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+PRICE_PER_MTOK_USD = (0.15, 0.60)  # so that requests cost something and budgets move
+# Limits that a benchmark never reaches, yet every one is checked on every request.
+NEVER_RPM = 10**9
+NEVER_TPM = 2**31 - 1  # the largest the PostgreSQL schema holds (INTEGER)
+NEVER_PARALLEL = 10_000
+NEVER_BUDGET_USD = 1_000_000
+GOAL_DELTA_MS = 0.3
+GOAL_RECORDS_PER_S = 10_000
+CONFIGS = ("baseline", "memory", "redis+postgres")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How long and how hard each phase runs."""
+
+    rate: float  # requests/s of the fixed-rate phase
+    count: int  # requests per side at that rate
+    blocks: int
+    connections: int
+    saturation_s: float  # per block
+    saturation_blocks: int
+    warmup_s: float
+    writer_records: int  # bench/usage_writer.py: records per run
+    writer_repeat: int
+    quiet_budget_s: float
+    time_limit_s: int
+
+
+FULL = Plan(200.0, 3000, 6, 64, 2.0, 3, 1.0, 100_000, 3, 60.0, 600)
+QUICK = Plan(200.0, 600, 2, 64, 2.0, 1, 0.5, 20_000, 1, 5.0, 240)
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """One gateway under test: its bearer key and the database its usage records go to."""
+
+    label: str
+    gateway: Server
+    key: str
+    usage_url: str | None  # a synchronous SQLAlchemy URL; None: recording is off
+    owners: tuple[str, ...] = ()  # the key's and team's ids (their Redis counters)
+
+    @property
+    def target(self) -> Target:
+        return Target(self.label, self.gateway, self.gateway, self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class Accounting:
+    """A gateway's chat requests by its own counter, and the usage records stored."""
+
+    requests: int
+    records: int
+
+
+def _progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def _show(table: Table) -> None:
+    print(table.render(), end="\n\n", flush=True)
+
+
+# -- the gateways ---------------------------------------------------------------------------
+
+
+def gateway_config(mock: Server, extra: str) -> str:
+    base = _procs.mock_gateway_config(mock, access_log=True, price_per_mtok_usd=PRICE_PER_MTOK_USD)
+    return base + extra
+
+
+def provision(gateway: Server, team_id: str) -> tuple[str, str]:
+    """A team and a user key in it through the admin API, every limit set; (secret, key id)."""
+    team = {"id": team_id, "rpm": NEVER_RPM, "budget_usd": NEVER_BUDGET_USD}
+    _admin(gateway, "/admin/teams", team)
+    key = {
+        "name": "bench",
+        "team_id": team_id,
+        "rpm": NEVER_RPM,
+        "tpm": NEVER_TPM,
+        "max_parallel": NEVER_PARALLEL,
+        "budget_usd": NEVER_BUDGET_USD,
+    }
+    created = _admin(gateway, "/admin/keys", key)
+    return str(created["key"]), str(created["id"])
+
+
+def _admin(gateway: Server, path: str, body: dict[str, object]) -> dict[str, object]:
+    admin = {"Authorization": f"Bearer {_procs.ADMIN_KEY}"}
+    try:
+        answer: dict[str, object] = json.loads(
+            _procs.http("POST", gateway.url + path, body, headers=admin)
+        )
+    except urllib.error.HTTPError as exc:
+        tail = gateway.log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(
+            f"{gateway.name}: POST {path} answered {exc.code} {exc.read().decode()!r}; the end "
+            f"of its log:\n{tail}"
+        ) from None
+    return answer
+
+
+def quota_policy(setup: Setup) -> str:
+    """The ``RateLimit-Policy`` header of one request: proof that the limits apply."""
+    request = urllib.request.Request(
+        setup.gateway.url + CHAT_PATH,
+        data=json.dumps(CHAT).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {setup.key}"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        response.read()
+        return str(response.headers.get("ratelimit-policy") or "")
+
+
+def start_gateways(
+    launch: Launcher, mock: Server, postgres: str, redis_url: str, run_id: str
+) -> list[Setup]:
+    _progress("starting the gateways: baseline, memory, redis+postgres")
+    baseline = launch.gateway("baseline", gateway_config(mock, "usage: {enabled: false}\n"))
+    setups = [Setup("baseline", baseline, _procs.ADMIN_KEY, None)]
+    memory = launch.gateway("memory", gateway_config(mock, "limits: {backend: memory}\n"))
+    sqlite = f"sqlite:///{launch.workdir / 'memory-data' / 'headrace.db'}"
+    shared = launch.gateway(
+        "redis-postgres",
+        gateway_config(
+            mock,
+            f"limits: {{backend: redis, redis_url: '{redis_url}'}}\ndatabase_url: '{postgres}'\n",
+        ),
+        migrate=True,
+    )
+    for label, gateway, url in (("memory", memory, sqlite), ("redis+postgres", shared, postgres)):
+        team_id = f"bench-{run_id}"
+        secret, key_id = provision(gateway, team_id)
+        setups.append(Setup(label, gateway, secret, url, (key_id, team_id)))
+    for setup in setups[1:]:
+        if "key-rpm" not in quota_policy(setup) or "team-rpm" not in quota_policy(setup):
+            raise RuntimeError(f"{setup.label}: the key's limits do not apply to its requests")
+    return setups
+
+
+def _metric_sum(text: str, name: str, *matches: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(m in line for m in matches):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def metric(setup: Setup, name: str, *matches: str) -> int:
+    """The sum of the samples of ``name`` whose label text contains every one of ``matches``."""
+    text = _procs.http("GET", setup.gateway.url + "/metrics").decode()
+    return round(_metric_sum(text, name, *matches))
+
+
+def stored_records(url: str) -> int:
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.NullPool)
+    try:
+        with engine.connect() as conn:
+            return int(conn.scalar(sqlalchemy.text("SELECT count(*) FROM usage_records")) or 0)
+    finally:
+        engine.dispose()
+
+
+def accounting(setup: Setup, timeout_s: float = 15.0) -> Accounting:
+    """The gateway's chat requests and, once the writer caught up (or ``timeout_s`` passed),
+    the usage records in its database. Call it while the gateway is idle."""
+    requests = metric(setup, "headrace_requests_total", f'route="{CHAT_PATH}"')
+    if setup.usage_url is None:
+        return Accounting(requests, 0)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = stored_records(setup.usage_url)
+        if records >= requests or time.monotonic() > deadline:
+            return Accounting(requests, records)
+        time.sleep(0.2)
+
+
+def redis_pid(url: str) -> int | None:
+    """Redis's process id when it runs on this machine (its CPU is then read per block)."""
+    with contextlib.suppress(redis.RedisError, OSError, KeyError, ValueError):
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        try:
+            pid = int(client.info("server")["process_id"])
+        finally:
+            client.close()
+        if Path(f"/proc/{pid}/stat").exists() and url.split("//")[1].startswith(
+            ("127.0.0.1", "localhost")
+        ):
+            return pid
+    return None
+
+
+def forget_counters(url: str, owners: tuple[str, ...]) -> None:
+    """Delete the run's limiter counters from the shared Redis (a month's budget TTL)."""
+    with contextlib.suppress(redis.RedisError, OSError):
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        try:
+            for owner in owners:
+                for name in client.scan_iter(match=f"hr:lim:*:{owner}:*", count=1000):
+                    client.delete(name)
+        finally:
+            client.close()
+
+
+@contextlib.contextmanager
+def fresh_postgres(server_url: str, code: Code) -> Iterator[str]:
+    """bench/usage_writer.py's fresh database (created for the run, dropped after)."""
+    usage_writer = _usage_writer(code)
+    with usage_writer.fresh_database(server_url) as url:
+        yield url
+
+
+def _usage_writer(code: Code) -> ModuleType:
+    """bench/usage_writer.py, imported once Headrace's code under test is first on the path."""
+    if code.snapshot is not None and str(code.snapshot) not in sys.path:
+        sys.path.insert(0, str(code.snapshot))
+    import usage_writer
+
+    return usage_writer
+
+
+# -- the measurements -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Results:
+    saturation: dict[str, Saturation]
+    fixed: dict[str, Phase]
+    before: dict[str, Accounting]  # after saturation, before the fixed-rate phase
+    after: dict[str, Accounting]
+    refusals: dict[str, int]
+    spooled: dict[str, int]
+
+
+def measure(
+    plan: Plan, setups: list[Setup], mock: Server, quiet: Quiet, redis_server: int | None
+) -> Results:
+    """Saturation, then the fixed rate; each side's usage accounting after each."""
+    targets = [Target("direct", mock, None), *(s.target for s in setups)]
+    helpers = (("redis", redis_server),) if redis_server is not None else ()
+    servers = Servers(mock, setups[0].gateway, tuple(s.gateway for s in setups[1:]), helpers)
+    _progress(
+        f"saturation, {plan.connections} connections, {plan.saturation_blocks} blocks per side"
+    )
+    quiet.wait()
+    sat = saturation(
+        targets,
+        servers,
+        connections=plan.connections,
+        block_s=plan.saturation_s,
+        blocks=plan.saturation_blocks,
+        warmup_s=plan.warmup_s,
+        quiet=quiet,
+    )
+    before = {s.label: accounting(s) for s in setups}
+    _progress(f"{plan.count} requests per side at {plan.rate:g}/s")
+    quiet.wait()
+    fixed = open_loop(
+        targets,
+        servers,
+        stream=False,
+        rate=plan.rate,
+        count=plan.count,
+        blocks=plan.blocks,
+        warmup_s=plan.warmup_s,
+        quiet=quiet,
+    )
+    after = {s.label: accounting(s) for s in setups}
+    return Results(
+        sat,
+        fixed,
+        before,
+        after,
+        refusals={s.label: metric(s, "headrace_quota_refusals_total") for s in setups},
+        spooled={s.label: metric(s, "headrace_usage_records", 'outcome="spooled"') for s in setups},
+    )
+
+
+def _delta(value: float, base: float) -> str:
+    return fmt(value - base, sign=True)
+
+
+def tenancy_table(plan: Plan, results: Results, goals: list[Goal]) -> Table:
+    fixed, sat = results.fixed, results.saturation
+    direct, base = fixed["direct"], fixed["baseline"]
+    table = Table(
+        f"Tenancy features - non-streamed chat (max_tokens 16), upstream 0 ms, "
+        f"{plan.count} requests per side at {plan.rate:g}/s",
+        ["figure", "direct", *CONFIGS],
+    )
+
+    def row(name: str, cells: dict[str, str], direct_cell: str = "") -> None:
+        table.add(name, direct_cell, *(cells.get(c, "") for c in CONFIGS))
+
+    for q in ("p50", "p99"):
+        row(
+            f"latency {q} (ms)",
+            {c: fmt(fixed[c].latency.at(q)) for c in CONFIGS},
+            fmt(direct.latency.at(q)),
+        )
+        row(
+            f"overhead {q}: minus direct (ms)",
+            {c: _delta(fixed[c].latency.at(q), direct.latency.at(q)) for c in CONFIGS},
+        )
+        row(
+            f"  {q} delta over baseline (ms)",
+            {c: _delta(fixed[c].latency.at(q), base.latency.at(q)) for c in CONFIGS[1:]},
+        )
+    cpu = {c: fixed[c].cpu_ms_per_request("gateway") for c in CONFIGS}
+    row(f"gateway CPU per request at {plan.rate:g}/s (ms)", {c: fmt(cpu[c], 3) for c in CONFIGS})
+    row("  delta over baseline (ms)", {c: _delta(cpu[c], cpu["baseline"]) for c in CONFIGS[1:]})
+    rps = {c: sat[c].requests_per_s for c in CONFIGS}
+    row(
+        f"requests/s at saturation ({plan.connections} connections)",
+        {c: fmt(rps[c], 0) for c in CONFIGS},
+        fmt(sat["direct"].requests_per_s, 0),
+    )
+    sat_cpu = {c: sat[c].cpu_ms_per_request("gateway") for c in CONFIGS}
+    row("gateway CPU per request at saturation (ms)", {c: fmt(sat_cpu[c], 3) for c in CONFIGS})
+    row(
+        "  delta over baseline (ms)",
+        {c: _delta(sat_cpu[c], sat_cpu["baseline"]) for c in CONFIGS[1:]},
+    )
+    if "redis" in sat["redis+postgres"].server_cpu_s:
+        row(
+            "Redis CPU per request at saturation (ms)",
+            {c: fmt(sat[c].cpu_ms_per_request("redis"), 3) for c in CONFIGS},
+        )
+    row(
+        "gateway self-reported overhead p50/p99 (ms)",
+        {c: "/".join(fmt(v) for v in fixed[c].overhead_ms) for c in CONFIGS},
+    )
+    row("gateway RSS after the run (MiB)", {c: fmt(fixed[c].gateway_rss_mib, 1) for c in CONFIGS})
+    row(
+        "load generator send lag p99 (ms)",
+        {c: fmt(fixed[c].send_lag.p99) for c in CONFIGS},
+        fmt(direct.send_lag.p99),
+    )
+    row(
+        "other processes' CPU (% of a core)",
+        {c: fmt(100 * fixed[c].other_core_share, 0) for c in CONFIGS},
+        fmt(100 * direct.other_core_share, 0),
+    )
+    row(
+        "blocks measured again (fixed / saturation)",
+        {c: f"{fixed[c].repeated} / {sat[c].repeated}" for c in CONFIGS},
+        f"{direct.repeated} / {sat['direct'].repeated}",
+    )
+    row(
+        "requests ok/errors; reached the mock",
+        {c: f"{fixed[c].ok}/{fixed[c].errors}; {fixed[c].mock_requests}" for c in CONFIGS},
+        f"{direct.ok}/{direct.errors}; {direct.mock_requests}",
+    )
+    row(
+        "saturation 2xx/errors",
+        {c: f"{sat[c].requests}/{sat[c].errors}" for c in CONFIGS},
+        f"{sat['direct'].requests}/{sat['direct'].errors}",
+    )
+    row("quota refusals (429/402)", {c: str(results.refusals[c]) for c in CONFIGS[1:]})
+    for c in CONFIGS[1:]:
+        goals.append(
+            Goal(
+                f"{c}: overhead p50 over baseline",
+                fixed[c].latency.p50 - base.latency.p50,
+                GOAL_DELTA_MS,
+                "ms",
+            )
+        )
+        goals.append(
+            Goal(
+                f"{c}: CPU/request over baseline, {plan.rate:g}/s",
+                cpu[c] - cpu["baseline"],
+                GOAL_DELTA_MS,
+                "ms",
+                digits=3,
+            )
+        )
+        goals.append(
+            Goal(
+                f"{c}: CPU/request over baseline, saturation",
+                sat_cpu[c] - sat_cpu["baseline"],
+                GOAL_DELTA_MS,
+                "ms",
+                digits=3,
+            )
+        )
+    table.notes.append(
+        "overhead = this column's latency minus direct's at the same percentile; delta = this "
+        "column's figure minus baseline's; latency from the scheduled send to the last byte"
+    )
+    table.notes.append(
+        f"saturation: {sat['baseline'].tool}, {plan.saturation_blocks} blocks of "
+        f"{plan.saturation_s:g} s per side; CPU per request = the gateway's CPU over 2xx answers"
+    )
+    for label, phase in fixed.items():
+        if phase.errors:
+            table.notes.append(f"{label} errors: {'; '.join(phase.error_samples)}")
+    return table
+
+
+def records_table(results: Results, goals: list[Goal]) -> Table:
+    """One usage record per request: after saturation, and for the fixed-rate phase."""
+    table = Table(
+        "Usage records - one per request",
+        ["figure", *CONFIGS[1:]],
+    )
+    labels = CONFIGS[1:]
+    before, after, fixed = results.before, results.after, results.fixed
+    table.add(
+        "fixed rate: requests sent (warm-up included)", *(f"{fixed[c].sent:,}" for c in labels)
+    )
+    table.add(
+        "fixed rate: records stored", *(f"{after[c].records - before[c].records:,}" for c in labels)
+    )
+    table.add(
+        "whole run: chat requests (gateway's count)", *(f"{after[c].requests:,}" for c in labels)
+    )
+    table.add("whole run: records stored", *(f"{after[c].records:,}" for c in labels))
+    table.add("records spooled (database unavailable)", *(str(results.spooled[c]) for c in labels))
+    for c in labels:
+        missing = abs(after[c].records - after[c].requests) + abs(
+            after[c].records - before[c].records - fixed[c].sent
+        )
+        goals.append(Goal(f"{c}: usage records missing or extra", missing, 0, "records", digits=0))
+    table.notes.append(
+        "the fixed-rate phase's requests are counted at the client (every request sent, answered "
+        "or not); the whole run's by the gateway (headrace_requests_total for the chat route), "
+        "since wrk does not report requests cut off at the end of its run"
+    )
+    table.notes.append("baseline: recording off")
+    return table
+
+
+def writer_tables(plan: Plan, code: Code, postgres: str, workdir: Path, goals: list[Goal]) -> Table:
+    """bench/usage_writer.py's throughput and record() cost at the gateway's batch size."""
+    usage_writer = _usage_writer(code)
+    from headrace.config import UsageConfig
+
+    batch = UsageConfig().batch_size
+    spool = workdir / "writer-spool"
+
+    async def both() -> tuple[list[Run], tuple[float, float, float]]:
+        runs = await usage_writer.throughput(
+            "postgresql", postgres, batch, plan.writer_records, plan.writer_repeat, spool
+        )
+        return runs, await usage_writer.record_cost(workdir / "writer-spool-cost")
+
+    runs, (buffered, baseline, spilling) = asyncio.run(both())
+    mid = sorted(runs, key=lambda r: r.records_per_s)[len(runs) // 2]
+    table = Table(
+        f"Usage writer into PostgreSQL (bench/usage_writer.py), batch {batch} "
+        f"(usage.batch_size default), {plan.writer_records:,} records, median of "
+        f"{plan.writer_repeat}",
+        ["figure", "value"],
+    )
+    table.add("records/s", fmt(mid.records_per_s, 0))
+    table.add("min-max records/s", usage_writer.spread(runs))
+    table.add(
+        "write_usage calls; ms per call mean / max",
+        f"{mid.calls}; {fmt(mid.call_ms_mean, 1)} / {fmt(mid.call_ms_max, 1)}",
+    )
+    table.add("writer CPU per record (us, this process)", fmt(mid.cpu_us_per_record, 1))
+    table.add(
+        "record() on the request path (ns/call)",
+        f"{fmt(buffered, 0)} (loop alone {fmt(baseline, 0)})",
+    )
+    table.add("record() with the buffer full: to the spool (ns/call)", fmt(spilling, 0))
+    table.notes.append(
+        "in this process, after the gateways stopped; bench/usage_writer.py runs more batch "
+        "sizes and a steady 10,000 records/s with the event loop's stalls"
+    )
+    goals.append(
+        Goal(
+            f"usage writer records/s into PostgreSQL, batch {batch}",
+            mid.records_per_s,
+            GOAL_RECORDS_PER_S,
+            "records/s",
+            at_least=True,
+            digits=0,
+        )
+    )
+    return table
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def header(quick: bool, layout: Arrangement, code: Code, args: argparse.Namespace) -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    before = _quiet.process_cpu_s()
+    time.sleep(1.0)
+    busy = 100 * (_quiet.process_cpu_s() - before)
+    saturation_tool = "wrk -t1" if _wrk.available() else "python/aiohttp (wrk not installed)"
+    server = sqlalchemy.make_url(args.database_url)
+    return "\n".join(
+        [
+            f"Headrace tenancy overhead benchmark ({'--quick' if quick else 'full'}), "
+            f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+            f"machine: {len(_procs.ALL_CORES)} cores ({cpu}), Linux {platform.release()}, "
+            f"Python {platform.python_version()}; at start: load average {load}, "
+            f"other processes {busy:.0f}% of a core",
+            f"code: {code.describe()}",
+            f"load generators: {saturation_tool} for saturation, python/aiohttp open loop "
+            "(own process) for the fixed rate",
+            f"cores: {layout.describe()}",
+            "gateways: auth, metrics and access log on (as bench/overhead.py); mock-model priced "
+            f"${PRICE_PER_MTOK_USD[0]}/${PRICE_PER_MTOK_USD[1]} per million tokens in and out",
+            "  baseline: admin key, no limits, usage: {enabled: false}",
+            "  memory: user key (rpm, tpm, max_parallel, budget) in a team (rpm, budget), "
+            "limits.backend memory, usage records into SQLite",
+            f"  redis+postgres: the same, limits.backend redis ({args.redis_url}), usage records "
+            f"into a new database on {server.host}:{server.port or 5432} (migrated, dropped after)",
+        ]
+    )
+
+
+def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
+    layout = Arrangement.named(args.pin)
+    code = Code.at(args.commit, workdir)
+    print(header(args.quick, layout, code, args), end="\n\n", flush=True)
+    goals: list[Goal] = []
+    owners: list[str] = []
+    quiet = Quiet(plan.quiet_budget_s)
+    with contextlib.ExitStack() as stack:
+        postgres = stack.enter_context(fresh_postgres(args.database_url, code))
+        stack.callback(lambda: forget_counters(args.redis_url, tuple(owners)))
+        launch = Launcher(stack, workdir, code)
+        _progress("starting mock-upstream")
+        mock = launch.mock()
+        setups = start_gateways(launch, mock, postgres, args.redis_url, uuid.uuid4().hex[:8])
+        owners.extend(owner for setup in setups for owner in setup.owners)
+        for setup in setups:
+            _procs.pin(setup.gateway.pid, layout.gateway)
+        layout.apply(setups[0].gateway, mock)
+        results = measure(plan, setups, mock, quiet, redis_pid(args.redis_url))
+        _show(tenancy_table(plan, results, goals))
+        _show(records_table(results, goals))
+        for setup in setups:
+            setup.gateway.stop()
+        mock.stop()
+        os.sched_setaffinity(0, _procs.ALL_CORES)  # as bench/usage_writer.py runs
+        _progress("usage writer throughput into PostgreSQL (bench/usage_writer.py)")
+        _show(writer_tables(plan, code, postgres, workdir, goals))
+    table = goals_table(goals)
+    table.notes.append(
+        f"other processes: {quiet.waited_s:.0f} s spent waiting for quiet, {quiet.repeated} "
+        f"blocks measured again (budget {plan.quiet_budget_s:g} s)"
+    )
+    print(table.render())
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _out_of_time(signum: int, frame: FrameType | None) -> None:
+    raise TimeoutError("the benchmark ran past its time limit; its processes were stopped")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests, one writer run")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("HEADRACE_TEST_DATABASE_URL", DEFAULT_DATABASE_URL),
+        help="the PostgreSQL server to create the run's database on (default: "
+        f"HEADRACE_TEST_DATABASE_URL or {DEFAULT_DATABASE_URL})",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("HEADRACE_TEST_REDIS_URL", DEFAULT_REDIS_URL),
+        help=f"the Redis for limits.backend redis (default: HEADRACE_TEST_REDIS_URL or "
+        f"{DEFAULT_REDIS_URL}); the run's counters are deleted at the end",
+    )
+    parser.add_argument(
+        "--pin",
+        choices=["split", "none"],
+        default="split",
+        help="split (default): the gateways on core 0, mock and load generators on core 1; "
+        "none: the kernel places them",
+    )
+    parser.add_argument(
+        "--commit",
+        help="run the servers (and the usage writer) from src/ as of this commit (e.g. HEAD) "
+        "instead of the working tree",
+    )
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGALRM, _out_of_time)
+    signal.alarm(plan.time_limit_s)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="headrace-bench-") as tmp:
+        try:
+            run(plan, args, Path(tmp))
+        except KeyboardInterrupt:
+            print("\ninterrupted; servers stopped, database dropped", file=sys.stderr)
+            sys.exit(130)
+    print(f"\n(finished in {time.monotonic() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

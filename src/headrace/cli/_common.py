@@ -1,0 +1,76 @@
+"""What the CLI's commands share: the Typer app, common options, settings and the admin API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from headrace.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    name="headrace",
+    help="Headrace: an OpenAI-compatible AI gateway.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file; without one, the embedded default (local models, SQLite).",
+        exists=True,
+        dir_okay=False,
+        envvar="HEADRACE_CONFIG",
+    ),
+]
+
+
+def settings_from(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+UrlOption = Annotated[
+    str, typer.Option("--url", envvar="HEADRACE_URL", help="The running gateway.")
+]
+AdminKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--admin-key",
+        envvar="HEADRACE_ADMIN_KEY",
+        help="Default: the key saved in the data directory on first start.",
+    ),
+]
+
+
+def admin_key_of(given: str | None, config: Path | None) -> str:
+    if given:
+        return given
+    path = settings_from(config).data_dir / "admin-key"
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        typer.echo(
+            f"No admin key: pass --admin-key or set HEADRACE_ADMIN_KEY ({path} is unreadable).",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+
+
+def admin_call(
+    url: str, key: str, method: str, path: str, query: dict[str, str], body: object = None
+) -> object:
+    from headrace.admin_client import AdminError, call
+
+    try:
+        return call(url, key, method, path, query, body=body)
+    except AdminError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None

@@ -1,0 +1,1 @@
+"""Asynchronous jobs: submission, scoping and idempotency (the runner is in headrace.worker)."""

@@ -1,0 +1,222 @@
+"""JobService: what a client may do with jobs — submit, look, list, cancel, follow.
+
+A job is a chat-completions or embeddings request body that a worker runs later through the
+same :class:`~headrace.gateway.service.GatewayService` as a synchronous request. Submission
+checks what can be checked at once (the body's shape, through the ``validate`` callable the
+edge passes in; the webhook URL against SSRF) so that a job accepted with 202 fails later only
+for reasons that arise later.
+
+Scope: a key sees the jobs of its team (or its own, for a key without a team); another
+team's job is "not found", never "forbidden", so ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from headrace.domain import Job, JobEvent, JobKind, JobStatus, Principal, Priority
+from headrace.errors import ConflictError, InvalidRequestError, NotFoundError
+from headrace.events.ssrf import validate_webhook_url
+from headrace.queue.base import Idempotency, IdempotencyConflictError, JobQueue
+
+Validate = Callable[[JobKind, Mapping[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    """What the client may say about a job besides its request body."""
+
+    priority: Priority = Priority.NORMAL
+    webhook_url: str | None = None
+    deadline_at: float | None = None  # unix time
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class JobPolicy:
+    max_attempts: int = 5
+    idempotency_ttl_s: float = 86_400.0
+    allow_private_webhooks: bool = False
+    allow_webhook_hosts: frozenset[str] = frozenset()
+
+
+def body_hash(kind: JobKind, body: Mapping[str, Any], options: JobOptions | None = None) -> str:
+    """SHA-256 of the canonical JSON of what was submitted (key order does not matter)."""
+    canonical: dict[str, Any] = {"kind": kind.value, "body": body}
+    if options is not None:
+        canonical["options"] = {
+            "priority": options.priority.value,
+            "webhook_url": options.webhook_url,
+            "deadline_at": options.deadline_at,
+            "metadata": dict(options.metadata),
+        }
+    return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def scope_of(principal: Principal) -> str:
+    """The tenant a key acts for: its team, or the key itself."""
+    return f"team:{principal.team_id}" if principal.team_id else f"key:{principal.key_id}"
+
+
+class JobService:
+    def __init__(
+        self,
+        queue: JobQueue,
+        validate: Validate,
+        policy: JobPolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._queue = queue
+        self._validate = validate
+        self._policy = policy or JobPolicy()
+        self._clock = clock
+
+    @property
+    def queue(self) -> JobQueue:
+        return self._queue
+
+    def new_job(
+        self,
+        principal: Principal,
+        kind: JobKind,
+        body: Mapping[str, Any],
+        options: JobOptions,
+        *,
+        batch_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """A checked job, not yet submitted (raises 400 for a bad body or webhook URL)."""
+        self._validate(kind, body)
+        if body.get("stream"):
+            raise InvalidRequestError(
+                "A job cannot stream; drop 'stream' and read the result from the job "
+                "(or follow GET /v1/jobs/{id}/events).",
+                param="body.stream",
+            )
+        webhook = options.webhook_url
+        if webhook is not None:
+            webhook = validate_webhook_url(
+                webhook,
+                allow_private=self._policy.allow_private_webhooks,
+                allow_hosts=self._policy.allow_webhook_hosts,
+            )
+        now = self._clock()
+        if options.deadline_at is not None and options.deadline_at <= now:
+            raise InvalidRequestError("The deadline is already past.", param="deadline")
+        return Job(
+            id=f"job_{uuid.uuid4().hex}",
+            kind=kind,
+            body=dict(body),
+            key_id=principal.key_id,
+            team_id=principal.team_id,
+            priority=options.priority,
+            max_attempts=self._policy.max_attempts,
+            created_at=now,
+            run_after=now,
+            deadline_at=options.deadline_at,
+            metadata=dict(options.metadata),
+            webhook_url=webhook,
+            batch_id=batch_id,
+            idempotency_key=idempotency_key,
+        )
+
+    async def submit(
+        self,
+        principal: Principal,
+        kind: JobKind,
+        body: Mapping[str, Any],
+        options: JobOptions,
+        idempotency_key: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Store and enqueue a job; ``(job, created)``. A repeated ``Idempotency-Key`` with the
+        same submission returns the first job (``created`` False); with a different one, 409."""
+        job = self.new_job(principal, kind, body, options, idempotency_key=idempotency_key)
+        claim = None
+        if idempotency_key is not None:
+            claim = Idempotency(
+                scope=scope_of(principal),
+                key=idempotency_key,
+                body_hash=body_hash(kind, body, options),
+                expires_at=job.created_at + self._policy.idempotency_ttl_s,
+            )
+        try:
+            return await self._queue.submit(job, claim)
+        except IdempotencyConflictError as exc:
+            raise ConflictError(
+                f"The Idempotency-Key {idempotency_key!r} was used for a different request "
+                f"(job {exc.existing.id}); use a new key for a new request.",
+                code="idempotency_key_reused",
+            ) from None
+
+    async def get(self, principal: Principal, job_id: str) -> Job:
+        job = await self._queue.get(job_id)
+        if job is None or not _visible(principal, job):
+            raise NotFoundError(f"No job {job_id!r} for this API key's team.", param="job_id")
+        return job
+
+    async def list_jobs(
+        self,
+        principal: Principal,
+        *,
+        status: JobStatus | None = None,
+        batch_id: str | None = None,
+        after: str | None = None,
+        limit: int = 20,
+    ) -> list[Job]:
+        return await self._queue.list_jobs(
+            team_id=principal.team_id,
+            key_id=None if principal.team_id else principal.key_id,
+            status=status,
+            batch_id=batch_id,
+            after=after,
+            limit=limit,
+        )
+
+    async def cancel(self, principal: Principal, job_id: str) -> Job:
+        await self.get(principal, job_id)
+        job = await self._queue.cancel(job_id)
+        if job is None:
+            raise NotFoundError(f"No job {job_id!r} for this API key's team.", param="job_id")
+        return job
+
+    async def events(self, principal: Principal, job_id: str, after_seq: int = 0) -> list[JobEvent]:
+        await self.get(principal, job_id)
+        return await self._queue.events(job_id, after_seq)
+
+
+def _visible(principal: Principal, job: Job) -> bool:
+    if principal.team_id is not None:
+        return job.team_id == principal.team_id
+    return job.team_id is None and job.key_id == principal.key_id
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """The public JSON view of a job (GET /v1/jobs/{id}, webhooks, SSE)."""
+    return {
+        "id": job.id,
+        "object": "job",
+        "kind": job.kind.value,
+        "status": job.status.value,
+        "priority": job.priority.value,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "deadline_at": job.deadline_at,
+        "result": job.result,
+        "error": job.error,
+        "errors": list(job.errors),
+        "cost_usd": job.cost_micro_usd / 1e6,
+        "metadata": dict(job.metadata),
+        "webhook_url": job.webhook_url,
+        "batch_id": job.batch_id,
+    }

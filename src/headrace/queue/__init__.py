@@ -1,0 +1,1 @@
+"""Durable jobs: the job table, its leases, events, webhook outbox and dead letters."""

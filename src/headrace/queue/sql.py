@@ -1,0 +1,993 @@
+"""The job queue in SQL (SQLAlchemy 2 async Core): SQLite embedded, PostgreSQL scaled out.
+
+:class:`SqlJobQueue` keeps every job, its events, its idempotency key and its webhook outbox
+in the store's database (tables in :mod:`headrace.store.schema`, revision 0003). Workers in
+any number of processes claim jobs with leases; a worker that dies stops heartbeating, its
+lease expires, and :meth:`SqlJobQueue.recover` hands the job to someone else.
+
+Transactions. Every state change is one transaction that updates ``jobs``, appends a
+``job_events`` row (``seq`` = the job's ``event_seq`` + 1, taken from the row the same
+transaction updates, so it is always the previous maximum + 1) and, when the new state is
+final and the job has a ``webhook_url``, inserts a ``webhook_outbox`` row.
+
+- PostgreSQL: ``claim``, ``recover`` and ``due_webhooks`` pick their rows with
+  ``FOR UPDATE SKIP LOCKED``, so concurrent claimers never wait for each other nor take the
+  same row; ``claim`` is one ``UPDATE jobs ... WHERE id IN (SELECT ... LIMIT n FOR UPDATE
+  SKIP LOCKED) RETURNING *``. ``submit_many`` inserts with ``INSERT ... SELECT FROM
+  unnest(<one array per column>)``, as the store writes usage (docs/adr/0008).
+- SQLite: write transactions start with ``BEGIN IMMEDIATE`` (they take the database's write
+  lock first, so a read-then-write transaction can never fail half way with "database is
+  locked" when another process writes the same file; ``busy_timeout`` makes the others
+  wait), and writers of one process queue on an :class:`asyncio.Lock` instead of polling the
+  busy handler. ``FOR UPDATE`` is not needed there: one writer at a time.
+
+Ordering and fairness. Claim order is ``priority_rank DESC, fair_seq, created_at``, read in
+order from ``ix_jobs_claim``. ``fair_seq`` is a start-time fair-queueing tag per priority: a
+job submitted by tenant T (its team, or its key without one) gets ``max(last + 1, head)``,
+where ``last`` is T's largest tag among its queued jobs of that priority and ``head`` is the
+smallest tag among the priority's runnable queued jobs (the virtual time: the tag being
+served now). So a tenant's n-th queued job goes after every other tenant's (n-1)-th, and a
+tenant that arrives late starts at the head of the line rather than behind everyone's
+backlog, or ahead of everyone with tags that restart at 1. Jobs requeued for a retry keep
+their tag (they go ahead of newer work); a replayed job gets a new one.
+
+Deadlines. ``claim`` first fails the queued jobs whose ``deadline_at`` passed (error code
+``expired``), then claims among the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    Select,
+    String,
+    Table,
+    Text,
+    any_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    false,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.types import TypeEngine
+
+from headrace.domain import Job, JobEvent, JobKind, JobStatus, Priority
+from headrace.queue.base import (
+    DeliveryRecord,
+    Failure,
+    Idempotency,
+    IdempotencyConflictError,
+    OutboxItem,
+    QueueDepth,
+)
+from headrace.store.engine import SQLITE_BEGIN_IMMEDIATE, create_engine, is_sqlite
+from headrace.store.migrate import check_engine, upgrade_engine
+from headrace.store.schema import (
+    job_events,
+    job_idempotency,
+    jobs,
+    webhook_deliveries,
+    webhook_outbox,
+)
+
+__all__ = ["WEBHOOK_LEASE_S", "SqlJobQueue", "job_view"]
+
+WEBHOOK_LEASE_S = 30.0
+"""How long :meth:`SqlJobQueue.due_webhooks` leases an outbox item to its deliverer."""
+
+_EXPIRE_BATCH = 1000  # deadline sweeps per claim: bounds one claim's transaction
+_QUEUED = JobStatus.QUEUED.value
+_RUNNING = JobStatus.RUNNING.value
+
+Clock = Callable[[], float]
+
+
+class SqlJobQueue:
+    """Jobs in the store's SQL database (see the module docstring).
+
+    ``engine_or_url``: an async URL (its own engine is made with
+    :func:`headrace.store.engine.create_engine`, so SQLite gets WAL and ``busy_timeout``, and
+    disposed in :meth:`aclose`), or an engine made by that function and shared (not
+    disposed here). ``clock``: unix time in seconds; tests pass a fake one.
+    ``migrate_on_start``: :meth:`start` upgrades the schema to head; by default it only checks
+    it (the store's start, or ``headrace migrate``, owns the schema) and raises
+    :class:`~headrace.store.migrate.SchemaOutOfDateError` when behind.
+    """
+
+    def __init__(
+        self,
+        engine_or_url: AsyncEngine | str,
+        *,
+        clock: Clock = time.time,
+        migrate_on_start: bool = False,
+    ) -> None:
+        if isinstance(engine_or_url, str):
+            self._engine = create_engine(engine_or_url)
+            self._owns_engine = True
+        else:
+            self._engine = engine_or_url
+            self._owns_engine = False
+        self._sqlite = is_sqlite(self._engine.url)
+        self._writer = self._engine.execution_options(**SQLITE_BEGIN_IMMEDIATE)
+        self._write_lock = asyncio.Lock() if self._sqlite else None
+        self._clock = clock
+        self._migrate_on_start = migrate_on_start
+
+    async def start(self) -> None:
+        if self._migrate_on_start:
+            await upgrade_engine(self._engine)
+        else:
+            await check_engine(self._engine)
+
+    async def aclose(self) -> None:
+        if self._owns_engine:
+            await self._engine.dispose()
+
+    async def check(self) -> None:
+        async with self._engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """One write transaction (see the module docstring for SQLite's)."""
+        if self._write_lock is None:
+            async with self._engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self._writer.begin() as conn:
+            yield conn
+
+    def _among(self, column: ColumnElement[str], picked: Select[tuple[str]]) -> ColumnElement[bool]:
+        """``column IN (picked)``; on PostgreSQL ``column = ANY(ARRAY(picked))``.
+
+        The array form is answered by primary-key lookups whatever the plan. With ``IN``, the
+        generic plan of a prepared statement (psycopg prepares after five runs) cannot see the
+        subquery's LIMIT and may hash-join it against a scan of the whole table.
+        """
+        if self._sqlite:
+            return column.in_(picked)
+        return column == any_(func.array(picked.scalar_subquery()))
+
+    def _insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
+        return sqlite.insert(table) if self._sqlite else postgresql.insert(table)
+
+    async def _insert_many(
+        self, conn: AsyncConnection, table: Table, rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Insert ``rows`` (all with the same keys) in one statement.
+
+        PostgreSQL: ``INSERT ... SELECT * FROM unnest(:col1, :col2, ...)``, one array per
+        column (one parameter per column, whatever the number of rows; docs/adr/0008).
+        SQLite: executemany, which SQLAlchemy sends as multi-row ``VALUES``.
+        """
+        if not rows:
+            return
+        if self._sqlite:
+            await conn.execute(insert(table), list(rows))
+            return
+        names = list(rows[0])
+        arrays = [
+            cast(bindparam(name), postgresql.ARRAY(_array_element(table.c[name].type)))
+            for name in names
+        ]
+        source = func.unnest(*arrays).table_valued(*names).render_derived()
+        statement = postgresql.insert(table).from_select(names, select(source))
+        await conn.execute(statement, {name: [row[name] for row in rows] for name in names})
+
+    # -- submission ---------------------------------------------------------------------------
+
+    async def submit(self, job: Job, idempotency: Idempotency | None = None) -> tuple[Job, bool]:
+        now = self._clock()
+        async with self._write() as conn:
+            if idempotency is not None:
+                existing = await self._take_key(conn, job, idempotency, now)
+                if existing is not None:
+                    return existing, False
+            (tag,) = await self._next_tags(conn, [job], now)
+            await conn.execute(insert(jobs).values(_job_to_row(job, tag)))
+            await conn.execute(insert(job_events).values(_event_row(job, 1, now, {})))
+        return job, True
+
+    async def _take_key(
+        self, conn: AsyncConnection, job: Job, idempotency: Idempotency, now: float
+    ) -> Job | None:
+        """Take ``idempotency``'s key for ``job``; None when taken, else the job that holds it.
+
+        One upsert on the primary key: a new key is inserted and an expired one overwritten
+        (both return a row); a live one is left alone. A concurrent submission of the same
+        key waits on the primary key until this transaction ends, then finds it live.
+        """
+        key = job_idempotency.c
+        values = {
+            "scope": idempotency.scope,
+            "key": idempotency.key,
+            "body_hash": idempotency.body_hash,
+            "job_id": job.id,
+            "expires_at": float(idempotency.expires_at),
+        }
+        insert_key = self._insert(job_idempotency).values(values)
+        upsert = insert_key.on_conflict_do_update(
+            index_elements=[key.scope, key.key],
+            set_={
+                name: insert_key.excluded[name] for name in ("body_hash", "job_id", "expires_at")
+            },
+            where=key.expires_at <= now,
+        ).returning(key.job_id)
+        if (await conn.execute(upsert)).first() is not None:
+            return None
+        holder = (
+            await conn.execute(
+                select(key.body_hash, key.job_id).where(
+                    key.scope == idempotency.scope, key.key == idempotency.key
+                )
+            )
+        ).one()
+        existing = await self._get(conn, holder.job_id)
+        if existing is None:  # its job was discarded: the key is free again
+            await conn.execute(
+                update(job_idempotency)
+                .where(key.scope == idempotency.scope, key.key == idempotency.key)
+                .values(body_hash=idempotency.body_hash, job_id=job.id)
+            )
+            return None
+        if holder.body_hash != idempotency.body_hash:
+            raise IdempotencyConflictError(existing)
+        return existing
+
+    async def submit_many(self, jobs_: Sequence[Job]) -> None:
+        if not jobs_:
+            return
+        now = self._clock()
+        async with self._write() as conn:
+            tags = await self._next_tags(conn, jobs_, now)
+            rows = [_job_to_row(job, tag) for job, tag in zip(jobs_, tags, strict=True)]
+            await self._insert_many(conn, jobs, rows)
+            await self._insert_many(conn, job_events, [_event_row(j, 1, now, {}) for j in jobs_])
+
+    async def _next_tags(self, conn: AsyncConnection, new: Sequence[Job], now: float) -> list[int]:
+        """The fairness tags of ``new`` jobs, in order (see the module docstring).
+
+        One round trip: the smallest tag per priority and the largest per (tenant, priority),
+        each a scalar subquery that reads one end of an index range.
+        """
+        c = jobs.c
+        ranks = sorted({job.priority.rank for job in new})
+        lanes = sorted({(_tenant(job), job.priority.rank) for job in new})
+        queued = _in_state(JobStatus.QUEUED)
+        # ORDER BY ... LIMIT 1 rather than MIN/MAX: an index read whatever the statistics say.
+        heads = [
+            select(c.fair_seq)
+            .where(queued, c.priority_rank == rank, c.run_after <= now)
+            .order_by(c.fair_seq)
+            .limit(1)
+            .scalar_subquery()
+            for rank in ranks
+        ]
+        lasts = [
+            select(c.fair_seq)
+            .where(c.tenant == tenant, queued, c.priority_rank == rank)
+            .order_by(c.fair_seq.desc())
+            .limit(1)
+            .scalar_subquery()
+            for tenant, rank in lanes
+        ]
+        found = (await conn.execute(select(*heads, *lasts))).one()
+        head = dict(zip(ranks, found[: len(ranks)], strict=True))
+        following = {
+            lane: max(int(last or 0) + 1, int(head[lane[1]] or 1))
+            for lane, last in zip(lanes, found[len(ranks) :], strict=True)
+        }
+        tags = []
+        for job in new:
+            lane = (_tenant(job), job.priority.rank)
+            tags.append(following[lane])
+            following[lane] += 1
+        return tags
+
+    # -- the worker side ----------------------------------------------------------------------
+
+    async def claim(self, worker: str, limit: int, lease_s: float) -> list[Job]:
+        now = self._clock()
+        async with self._write() as conn:
+            expired = await self._expire(conn, now)
+            rows = await self._take(conn, worker, limit, lease_s, now) if limit > 0 else []
+            claimed = [_row_to_job(row) for row in rows]
+            changes: list[tuple[Job, int, Mapping[str, Any]]] = [
+                (_row_to_job(row), row.event_seq, {"error": _EXPIRED}) for row in expired
+            ]
+            changes += [
+                (job, row.event_seq, {"worker": worker, "attempt": job.attempts})
+                for job, row in zip(claimed, rows, strict=True)
+            ]
+            await self._append(conn, changes, now)
+        return claimed
+
+    async def _expire(self, conn: AsyncConnection, now: float) -> list[Row[Any]]:
+        """Fail the queued jobs whose deadline passed; their rows, as updated."""
+        c = jobs.c
+        overdue = (
+            select(c.id)
+            .where(_in_state(JobStatus.QUEUED), c.deadline_at <= now)
+            .limit(_EXPIRE_BATCH)
+            .with_for_update(skip_locked=True)
+        )
+        expired = await conn.execute(
+            update(jobs)
+            .where(self._among(c.id, overdue))
+            .values(
+                status=JobStatus.FAILED.value,
+                error=_dumps(_EXPIRED),
+                finished_at=now,
+                event_seq=c.event_seq + 1,
+            )
+            .returning(*jobs.c)
+        )
+        return list(expired)
+
+    async def _take(
+        self, conn: AsyncConnection, worker: str, limit: int, lease_s: float, now: float
+    ) -> list[Row[Any]]:
+        """Lease up to ``limit`` runnable jobs to ``worker``; their rows, in queue order."""
+        c = jobs.c
+        runnable = (
+            select(c.id)
+            .where(
+                _in_state(JobStatus.QUEUED),
+                c.run_after <= now,
+                or_(c.deadline_at.is_(None), c.deadline_at > now),
+            )
+            .order_by(c.priority_rank.desc(), c.fair_seq, c.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claimed = await conn.execute(
+            update(jobs)
+            .where(self._among(c.id, runnable))
+            .values(
+                status=_RUNNING,
+                attempts=c.attempts + 1,
+                started_at=now,
+                lease_owner=worker,
+                lease_expires_at=now + lease_s,
+                event_seq=c.event_seq + 1,
+            )
+            .returning(*jobs.c)
+        )
+        # RETURNING comes in no particular order.
+        return sorted(claimed, key=lambda r: (-r.priority_rank, r.fair_seq, r.created_at, r.id))
+
+    async def heartbeat(self, worker: str, job_ids: Sequence[str], lease_s: float) -> set[str]:
+        wanted = set(job_ids)
+        if not wanted:
+            return set()
+        now = self._clock()
+        c = jobs.c
+        async with self._write() as conn:
+            held = await conn.execute(
+                update(jobs)
+                .where(c.id.in_(sorted(wanted)), c.status == _RUNNING, c.lease_owner == worker)
+                .values(lease_expires_at=now + lease_s)
+                .returning(c.id)
+            )
+            return wanted - set(held.scalars())
+
+    async def complete(
+        self, job_id: str, worker: str, result: Mapping[str, Any], cost_micro_usd: int
+    ) -> Job | None:
+        now = self._clock()
+        c = jobs.c
+        async with self._write() as conn:
+            row = (
+                await conn.execute(
+                    update(jobs)
+                    .where(c.id == job_id, c.status == _RUNNING, c.lease_owner == worker)
+                    .values(
+                        status=JobStatus.SUCCEEDED.value,
+                        result=_dumps(result),
+                        error=None,
+                        cost_micro_usd=int(cost_micro_usd),
+                        finished_at=now,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        event_seq=c.event_seq + 1,
+                    )
+                    .returning(*jobs.c)
+                )
+            ).first()
+            if row is None:
+                return None
+            await self._record(conn, [(row, {"attempt": row.attempts})], now)
+        return _row_to_job(row)
+
+    async def fail(self, job_id: str, worker: str, failure: Failure) -> Job | None:
+        now = self._clock()
+        async with self._write() as conn:
+            row = await self._lock(conn, job_id, worker=worker)
+            if row is None:
+                return None
+            job = _row_to_job(row)
+            entry = {**failure.error, "attempt": job.attempts, "at": now}
+            errors = (*job.errors, entry)
+            retry = failure.retry_at is not None and not failure.dead
+            if retry and job.attempts < job.max_attempts:
+                after = dataclasses.replace(
+                    job,
+                    status=JobStatus.QUEUED,
+                    run_after=float(failure.retry_at or now),
+                    error=entry,
+                    errors=errors,
+                )
+                detail: dict[str, Any] = {"retry_at": after.run_after}
+            else:
+                # Out of attempts: dead even if the caller asked for a retry.
+                dead = failure.dead or retry
+                status = JobStatus.DEAD if dead else JobStatus.FAILED
+                after = dataclasses.replace(
+                    job, status=status, finished_at=now, error=entry, errors=errors
+                )
+                detail = {}
+            await self._save(conn, row, after, now, {"attempt": job.attempts, **detail})
+        return after
+
+    async def release(self, worker: str, job_ids: Sequence[str]) -> None:
+        if not job_ids:
+            return
+        now = self._clock()
+        c = jobs.c
+        async with self._write() as conn:
+            released = await conn.execute(
+                update(jobs)
+                .where(
+                    c.id.in_(sorted(set(job_ids))), c.status == _RUNNING, c.lease_owner == worker
+                )
+                .values(
+                    status=_QUEUED,
+                    attempts=c.attempts - 1,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    event_seq=c.event_seq + 1,
+                )
+                .returning(*jobs.c)
+            )
+            detail = {"reason": "released", "worker": worker}
+            await self._record(conn, [(row, detail) for row in released], now)
+
+    async def recover(self) -> int:
+        now = self._clock()
+        c = jobs.c
+        async with self._write() as conn:
+            lost = (
+                await conn.execute(
+                    select(jobs)
+                    .where(_in_state(JobStatus.RUNNING), c.lease_expires_at < now)
+                    .order_by(c.id)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            for row in lost:
+                job = _row_to_job(row)
+                entry = {**_worker_lost(row.lease_owner), "attempt": job.attempts, "at": now}
+                errors = (*job.errors, entry)
+                if job.attempts < job.max_attempts:
+                    after = dataclasses.replace(
+                        job, status=JobStatus.QUEUED, error=entry, errors=errors
+                    )
+                else:
+                    after = dataclasses.replace(
+                        job, status=JobStatus.DEAD, finished_at=now, error=entry, errors=errors
+                    )
+                detail = {"reason": "lease_expired", "worker": row.lease_owner}
+                await self._save(conn, row, after, now, detail)
+        return len(lost)
+
+    # -- the client side ----------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job | None:
+        async with self._engine.connect() as conn:
+            return await self._get(conn, job_id)
+
+    async def _get(self, conn: AsyncConnection, job_id: str) -> Job | None:
+        row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
+        return None if row is None else _row_to_job(row)
+
+    async def list_jobs(
+        self,
+        *,
+        team_id: str | None,
+        key_id: str | None = None,
+        status: JobStatus | None = None,
+        batch_id: str | None = None,
+        after: str | None = None,
+        limit: int = 20,
+    ) -> list[Job]:
+        """Newest first. ``team_id=None`` lists the jobs of keys without a team (narrowed to
+        ``key_id`` when given); ``after`` is the last id of the previous page (an unknown id
+        gives an empty page)."""
+        c = jobs.c
+        filters: list[ColumnElement[bool]] = [
+            c.team_id.is_(None) if team_id is None else c.team_id == team_id
+        ]
+        if key_id is not None:
+            filters.append(c.key_id == key_id)
+        if status is not None:
+            filters.append(c.status == status.value)
+        if batch_id is not None:
+            filters.append(c.batch_id == batch_id)
+        async with self._engine.connect() as conn:
+            if after is not None:
+                cursor = (
+                    await conn.execute(select(c.created_at).where(c.id == after, *filters))
+                ).first()
+                if cursor is None:
+                    return []
+                filters.append(
+                    or_(
+                        c.created_at < cursor.created_at,
+                        (c.created_at == cursor.created_at) & (c.id < after),
+                    )
+                )
+            result = await conn.execute(
+                select(jobs)
+                .where(*filters)
+                .order_by(c.created_at.desc(), c.id.desc())
+                .limit(max(limit, 0))
+            )
+            return [_row_to_job(row) for row in result]
+
+    async def cancel(self, job_id: str) -> Job | None:
+        now = self._clock()
+        async with self._write() as conn:
+            row = await self._lock(conn, job_id)
+            if row is None:
+                return None
+            job = _row_to_job(row)
+            if job.status.final:
+                return job
+            after = dataclasses.replace(job, status=JobStatus.CANCELLED, finished_at=now)
+            await self._save(conn, row, after, now, {"from": job.status.value})
+        return after
+
+    async def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
+        e = job_events.c
+        async with self._engine.connect() as conn:
+            result = await conn.execute(
+                select(job_events).where(e.job_id == job_id, e.seq > after_seq).order_by(e.seq)
+            )
+            return [
+                JobEvent(
+                    job_id=row.job_id,
+                    seq=row.seq,
+                    status=JobStatus(row.status),
+                    at=row.at,
+                    detail=orjson.loads(row.detail),
+                )
+                for row in result
+            ]
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def dead_letters(self, limit: int = 100) -> list[Job]:
+        """Dead jobs, most recently dead first."""
+        c = jobs.c
+        async with self._engine.connect() as conn:
+            result = await conn.execute(
+                select(jobs)
+                .where(_in_state(JobStatus.DEAD))
+                .order_by(c.finished_at.desc(), c.id)
+                .limit(limit)
+            )
+            return [_row_to_job(row) for row in result]
+
+    async def replay(self, job_id: str) -> Job | None:
+        """A dead or failed job queued again now, with no deadline (an operator asking for a
+        replay wants it run), attempts from zero and a new fairness tag; ``errors`` and the
+        events are kept. Jobs in any other state are returned unchanged."""
+        now = self._clock()
+        async with self._write() as conn:
+            row = await self._lock(conn, job_id)
+            if row is None:
+                return None
+            job = _row_to_job(row)
+            if job.status not in (JobStatus.DEAD, JobStatus.FAILED):
+                return job
+            after = dataclasses.replace(
+                job,
+                status=JobStatus.QUEUED,
+                attempts=0,
+                run_after=now,
+                deadline_at=None,
+                started_at=None,
+                finished_at=None,
+                result=None,
+                error=None,
+            )
+            (tag,) = await self._next_tags(conn, [after], now)
+            detail = {"reason": "replayed", "from": job.status.value}
+            await self._save(conn, row, after, now, detail, fair_seq=tag)
+        return after
+
+    async def discard(self, job_id: str) -> bool:
+        """Delete a dead job with its events, idempotency key and webhook outbox and history."""
+        async with self._write() as conn:
+            row = await self._lock(conn, job_id)
+            if row is None or row.status != JobStatus.DEAD.value:
+                return False
+            outbox = select(webhook_outbox.c.event_id).where(webhook_outbox.c.job_id == job_id)
+            await conn.execute(
+                delete(webhook_deliveries).where(webhook_deliveries.c.event_id.in_(outbox))
+            )
+            await conn.execute(delete(webhook_outbox).where(webhook_outbox.c.job_id == job_id))
+            await conn.execute(delete(job_events).where(job_events.c.job_id == job_id))
+            await conn.execute(delete(job_idempotency).where(job_idempotency.c.job_id == job_id))
+            await conn.execute(delete(jobs).where(jobs.c.id == job_id))
+        return True
+
+    async def depth(self) -> list[QueueDepth]:
+        """Every priority, most important first (zeros when empty). ``queued`` counts every
+        queued job, including retries waiting for their ``run_after``; the age is the oldest
+        one's time since submission."""
+        c = jobs.c
+        now = self._clock()
+        async with self._engine.connect() as conn:
+            result = await conn.execute(
+                select(c.priority_rank, func.count(), func.min(c.created_at))
+                .where(_in_state(JobStatus.QUEUED))
+                .group_by(c.priority_rank)
+            )
+            found = {rank: (count, oldest) for rank, count, oldest in result}
+        out = []
+        for priority in sorted(Priority, key=lambda p: -p.rank):
+            count, oldest = found.get(priority.rank, (0, None))
+            age = 0.0 if oldest is None else max(0.0, now - oldest)
+            out.append(QueueDepth(priority=priority, queued=int(count), oldest_age_s=age))
+        return out
+
+    # -- the webhook outbox -------------------------------------------------------------------
+
+    async def due_webhooks(self, limit: int) -> list[OutboxItem]:
+        """Due items, oldest first, each leased for :data:`WEBHOOK_LEASE_S`: until the lease
+        ends or :meth:`record_delivery` closes the attempt, no other caller gets the item."""
+        if limit <= 0:
+            return []
+        now = self._clock()
+        o = webhook_outbox.c
+        async with self._write() as conn:
+            due = (
+                select(o.event_id)
+                .where(
+                    o.done == false(),
+                    o.next_attempt_at <= now,
+                    or_(o.leased_until.is_(None), o.leased_until <= now),
+                )
+                .order_by(o.created_at, o.event_id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            result = await conn.execute(
+                update(webhook_outbox)
+                .where(self._among(o.event_id, due))
+                .values(leased_until=now + WEBHOOK_LEASE_S)
+                .returning(*webhook_outbox.c)
+            )
+        leased = sorted(result, key=lambda r: (r.created_at, r.event_id))
+        return [
+            OutboxItem(
+                event_id=row.event_id,
+                job_id=row.job_id,
+                url=row.url,
+                event_type=row.event_type,
+                payload=orjson.loads(row.payload),
+                created_at=row.created_at,
+                attempts=row.attempts,
+            )
+            for row in leased
+        ]
+
+    async def record_delivery(self, record: DeliveryRecord, next_attempt_at: float | None) -> None:
+        """Append ``record`` (recording one attempt twice keeps the first) and end the lease:
+        due again at ``next_attempt_at``, or done for good when it is None."""
+        o = webhook_outbox.c
+        row = {
+            "event_id": record.event_id,
+            "attempt": int(record.attempt),
+            "at": float(record.at),
+            "status_code": record.status_code,
+            "outcome": record.outcome,
+            "error": record.error,
+        }
+        add = self._insert(webhook_deliveries).values(row).on_conflict_do_nothing()
+        attempts = case((o.attempts < record.attempt, record.attempt), else_=o.attempts)
+        if next_attempt_at is None:
+            close = update(webhook_outbox).values(attempts=attempts, leased_until=None, done=true())
+        else:
+            close = update(webhook_outbox).values(
+                attempts=attempts, leased_until=None, next_attempt_at=float(next_attempt_at)
+            )
+        async with self._write() as conn:
+            await conn.execute(add)
+            await conn.execute(close.where(o.event_id == record.event_id))
+
+    async def deliveries(self, job_id: str) -> list[DeliveryRecord]:
+        """Every delivery attempt of the job's webhook events, in the order they were made."""
+        d = webhook_deliveries.c
+        query = (
+            select(webhook_deliveries)
+            .join(webhook_outbox, webhook_outbox.c.event_id == d.event_id)
+            .where(webhook_outbox.c.job_id == job_id)
+            .order_by(d.at, d.event_id, d.attempt)
+        )
+        async with self._engine.connect() as conn:
+            return [
+                DeliveryRecord(
+                    event_id=row.event_id,
+                    attempt=row.attempt,
+                    at=row.at,
+                    status_code=row.status_code,
+                    outcome=row.outcome,
+                    error=row.error,
+                )
+                for row in await conn.execute(query)
+            ]
+
+    # -- one job's transition -----------------------------------------------------------------
+
+    async def _lock(
+        self, conn: AsyncConnection, job_id: str, *, worker: str | None = None
+    ) -> Row[Any] | None:
+        """The job's row, locked until the transaction ends; with ``worker``, only while it
+        holds the job's lease."""
+        query = select(jobs).where(jobs.c.id == job_id)
+        if worker is not None:
+            query = query.where(jobs.c.status == _RUNNING, jobs.c.lease_owner == worker)
+        return (await conn.execute(query.with_for_update())).first()
+
+    async def _save(
+        self,
+        conn: AsyncConnection,
+        before: Row[Any],
+        after: Job,
+        now: float,
+        detail: Mapping[str, Any],
+        *,
+        fair_seq: int | None = None,
+    ) -> None:
+        """Write ``after`` over the locked row ``before`` (ending any lease) and record it."""
+        seq = before.event_seq + 1
+        values = {
+            "status": after.status.value,
+            "attempts": after.attempts,
+            "run_after": after.run_after,
+            "deadline_at": after.deadline_at,
+            "started_at": after.started_at,
+            "finished_at": after.finished_at,
+            "result": _dumps_or_none(after.result),
+            "error": _dumps_or_none(after.error),
+            "errors": _dumps(list(after.errors)),
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "event_seq": seq,
+        }
+        if fair_seq is not None:
+            values["fair_seq"] = fair_seq
+        await conn.execute(update(jobs).where(jobs.c.id == after.id).values(values))
+        await self._append(conn, [(after, seq, detail)], now)
+
+    async def _record(
+        self,
+        conn: AsyncConnection,
+        changes: Sequence[tuple[Row[Any], Mapping[str, Any]]],
+        now: float,
+    ) -> None:
+        """Record changes already written (rows returned by the UPDATE that made them)."""
+        await self._append(
+            conn, [(_row_to_job(row), row.event_seq, detail) for row, detail in changes], now
+        )
+
+    async def _append(
+        self,
+        conn: AsyncConnection,
+        changes: Sequence[tuple[Job, int, Mapping[str, Any]]],
+        now: float,
+    ) -> None:
+        """Append each change's event and, for final states with a webhook, its outbox row."""
+        if not changes:
+            return
+        events = [_event_row(job, seq, now, detail) for job, seq, detail in changes]
+        if len(events) == 1:
+            await conn.execute(insert(job_events).values(events[0]))
+        else:
+            await self._insert_many(conn, job_events, events)
+        outbox = [
+            _outbox_row(job, job.webhook_url, now)
+            for job, _, _ in changes
+            if job.status.final and job.webhook_url is not None
+        ]
+        if outbox:
+            await conn.execute(insert(webhook_outbox), outbox)
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """The job as its owner sees it: the webhook payload (and the shape the API renders).
+
+    ``result`` is set once succeeded; ``error`` is the last failure (None once succeeded).
+    Times are unix seconds; cost is integer micro-dollars.
+    """
+    return {
+        "id": job.id,
+        "object": "job",
+        "kind": job.kind.value,
+        "status": job.status.value,
+        "priority": job.priority.value,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "cost_micro_usd": job.cost_micro_usd,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "deadline_at": job.deadline_at,
+        "result": None if job.result is None else dict(job.result),
+        "error": None if job.error is None else dict(job.error),
+        "metadata": dict(job.metadata),
+        "batch_id": job.batch_id,
+    }
+
+
+# An expired job's error; OpenAI-shaped, plus its HTTP-like status.
+_EXPIRED: dict[str, Any] = {
+    "message": (
+        "the job was not started before its deadline_at: submit it again with a later "
+        "deadline, or add worker capacity"
+    ),
+    "type": "timeout_error",
+    "param": None,
+    "code": "expired",
+    "status": 504,
+}
+
+
+def _worker_lost(worker: str | None) -> dict[str, Any]:
+    return {
+        "message": (
+            f"worker {worker!r} stopped renewing its lease on this attempt (it crashed, was "
+            "killed, or lost the database); the attempt counts as failed"
+        ),
+        "type": "api_error",
+        "param": None,
+        "code": "worker_lost",
+        "status": 500,
+    }
+
+
+def _in_state(status: JobStatus) -> ColumnElement[bool]:
+    """``jobs.status = '<status>'``, the value inline rather than a bound parameter: only then
+    can the planner use the partial indexes (``WHERE status = 'queued'``, ...) of the schema."""
+    return jobs.c.status == literal_column(f"'{status.value}'")
+
+
+def _tenant(job: Job) -> str:
+    """The fairness group: the job's team, or its key when the key has no team."""
+    return job.team_id or job.key_id
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _dumps_or_none(value: Mapping[str, Any] | None) -> str | None:
+    return None if value is None else _dumps(dict(value))
+
+
+def _loads_or_none(value: str | None) -> Any:
+    return None if value is None else orjson.loads(value)
+
+
+def _array_element(column_type: TypeEngine[Any]) -> TypeEngine[Any]:
+    # Strings travel as text[]: a cast to varchar(n)[] would cut long values silently.
+    return Text() if isinstance(column_type, String) else column_type
+
+
+def _job_to_row(job: Job, fair_seq: int) -> dict[str, Any]:
+    # One Python type per column: psycopg sends a list as an array of one type.
+    return {
+        "id": job.id,
+        "kind": job.kind.value,
+        "body": _dumps(dict(job.body)),
+        "key_id": job.key_id,
+        "team_id": job.team_id,
+        "tenant": _tenant(job),
+        "priority": job.priority.value,
+        "priority_rank": job.priority.rank,
+        "fair_seq": fair_seq,
+        "status": job.status.value,
+        "attempts": int(job.attempts),
+        "max_attempts": int(job.max_attempts),
+        "created_at": float(job.created_at),
+        "run_after": float(job.run_after),
+        "deadline_at": None if job.deadline_at is None else float(job.deadline_at),
+        "started_at": None if job.started_at is None else float(job.started_at),
+        "finished_at": None if job.finished_at is None else float(job.finished_at),
+        "result": _dumps_or_none(job.result),
+        "error": _dumps_or_none(job.error),
+        "errors": _dumps([dict(e) for e in job.errors]),
+        "cost_micro_usd": int(job.cost_micro_usd),
+        "metadata": _dumps(dict(job.metadata)),
+        "webhook_url": job.webhook_url,
+        "batch_id": job.batch_id,
+        "idempotency_key": job.idempotency_key,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "event_seq": 1,
+    }
+
+
+def _row_to_job(row: Row[Any]) -> Job:
+    return Job(
+        id=row.id,
+        kind=JobKind(row.kind),
+        body=orjson.loads(row.body),
+        key_id=row.key_id,
+        team_id=row.team_id,
+        priority=Priority(row.priority),
+        status=JobStatus(row.status),
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        created_at=row.created_at,
+        run_after=row.run_after,
+        deadline_at=row.deadline_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        result=_loads_or_none(row.result),
+        error=_loads_or_none(row.error),
+        errors=tuple(orjson.loads(row.errors)),
+        cost_micro_usd=row.cost_micro_usd,
+        metadata=orjson.loads(row.metadata),
+        webhook_url=row.webhook_url,
+        batch_id=row.batch_id,
+        idempotency_key=row.idempotency_key,
+    )
+
+
+def _event_row(job: Job, seq: int, now: float, detail: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "seq": seq,
+        "status": job.status.value,
+        "at": now,
+        "detail": _dumps(dict(detail)),
+    }
+
+
+def _outbox_row(job: Job, url: str, now: float) -> dict[str, Any]:
+    return {
+        "event_id": f"evt_{uuid.uuid4().hex}",
+        "job_id": job.id,
+        "url": url,
+        "event_type": f"job.{job.status.value}",
+        "payload": _dumps(job_view(job)),
+        "created_at": now,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "leased_until": None,
+        "done": False,
+    }

@@ -1,0 +1,2 @@
+"""The job runner and the webhook outbox dispatcher: in the gateway process (embedded) or in
+``headrace worker`` processes (production)."""

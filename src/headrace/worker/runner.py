@@ -1,0 +1,254 @@
+"""JobRunner: claims jobs and runs each through the GatewayService, many at once.
+
+One claim loop takes up to ``concurrency - in flight`` jobs at a time; each job is a task on
+this event loop, so thousands can wait on upstreams at once. A heartbeat loop extends the
+leases of running jobs and stops the ones the queue no longer gives this worker (cancelled by
+the client, or lease lost); a recovery loop requeues jobs whose worker died. On stop, running
+jobs get ``grace_s`` to finish; the rest are cancelled and released, attempt refunded.
+
+Failures: a transient error (429, 5xx, timeouts, the gateway overloaded) is retried with
+exponential backoff and full jitter, honouring ``Retry-After``; after ``max_attempts`` the job
+is dead, with every attempt's error in its history. A permanent error (400, 402, 403, 404)
+fails the job at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+import structlog
+
+from headrace.api.wire import chat_request, embedding_body, embedding_request
+from headrace.domain import Call, Job, JobKind, Principal, RequestControls
+from headrace.errors import HeadraceError
+from headrace.events.webhooks import next_retry_delay
+from headrace.gateway.service import GatewayService
+from headrace.queue.base import Failure, JobQueue
+
+log = structlog.get_logger("headrace")
+
+PrincipalOf = Callable[[str], Awaitable[Principal | None]]
+TRANSIENT_STATUSES = frozenset({408, 409, 429, 499, 500, 502, 503, 504})
+
+
+class JobRunner:
+    def __init__(
+        self,
+        queue: JobQueue,
+        gateway: GatewayService,
+        principal_of: PrincipalOf,
+        *,
+        worker_id: str | None = None,
+        concurrency: int = 1000,
+        claim_batch: int = 200,
+        lease_s: float = 60.0,
+        heartbeat_s: float = 15.0,
+        idle_poll_s: float = 0.25,
+        retry_base_s: float = 1.0,
+        retry_cap_s: float = 300.0,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
+        self._queue = queue
+        self._gateway = gateway
+        self._principal_of = principal_of
+        self._concurrency = concurrency
+        self._claim_batch = claim_batch
+        self._lease_s = lease_s
+        self._heartbeat_s = heartbeat_s
+        self._idle_poll_s = idle_poll_s
+        self._retry_base_s = retry_base_s
+        self._retry_cap_s = retry_cap_s
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._slot_freed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.completed = 0
+        self.failed = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def nudge(self) -> None:
+        """A job was just submitted in this process: claim now instead of at the next poll."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loops = [
+            loop.create_task(self._claim_loop(), name="jobs-claim"),
+            loop.create_task(self._heartbeat_loop(), name="jobs-heartbeat"),
+            loop.create_task(self._recover_loop(), name="jobs-recover"),
+        ]
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        """Stop claiming; let running jobs finish for ``grace_s``; release the rest."""
+        self._stopping = True
+        self._wake.set()
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._inflight:
+            await asyncio.wait(list(self._inflight.values()), timeout=grace_s)
+        unfinished = list(self._inflight)
+        for job_id in unfinished:
+            self._inflight[job_id].cancel()
+        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        if unfinished:
+            await self._queue.release(self.worker_id, unfinished)
+            log.info("jobs_released", worker=self.worker_id, jobs=len(unfinished))
+
+    # -- loops --------------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        idle = self._idle_poll_s / 8
+        while not self._stopping:
+            free = self._concurrency - len(self._inflight)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                jobs = await self._queue.claim(
+                    self.worker_id, min(free, self._claim_batch), self._lease_s
+                )
+            except Exception as exc:  # the database blinked: keep the loop alive
+                log.warning("jobs_claim_failed", error=repr(exc))
+                jobs = []
+                idle = self._idle_poll_s
+            for job in jobs:
+                task = asyncio.get_running_loop().create_task(self._run(job))
+                self._inflight[job.id] = task
+                task.add_done_callback(functools.partial(self._done, job.id))
+            if jobs:
+                idle = self._idle_poll_s / 8
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), idle)
+            idle = min(idle * 2, self._idle_poll_s)
+
+    def _done(self, job_id: str, _task: asyncio.Task[None]) -> None:
+        self._inflight.pop(job_id, None)
+        self._slot_freed.set()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            if not self._inflight:
+                continue
+            try:
+                gone = await self._queue.heartbeat(
+                    self.worker_id, list(self._inflight), self._lease_s
+                )
+            except Exception as exc:
+                log.warning("jobs_heartbeat_failed", error=repr(exc))
+                continue
+            for job_id in gone:  # cancelled by its client, or its lease went to another worker
+                task = self._inflight.get(job_id)
+                if task is not None:
+                    task.cancel()
+
+    async def _recover_loop(self) -> None:
+        while True:
+            try:
+                recovered = await self._queue.recover()
+            except Exception as exc:
+                log.warning("jobs_recover_failed", error=repr(exc))
+            else:
+                if recovered:
+                    log.info("jobs_recovered", jobs=recovered)
+                    self._wake.set()
+            await asyncio.sleep(self._lease_s / 2)
+
+    # -- one job ------------------------------------------------------------------------------
+
+    async def _run(self, job: Job) -> None:
+        try:
+            result, cost = await self._execute(job)
+        except asyncio.CancelledError:
+            raise
+        except HeadraceError as exc:
+            await self._fail(job, exc.status, exc.to_openai()["error"], exc.headers)
+            return
+        except Exception as exc:
+            log.exception("job_crashed", job=job.id)
+            error = {"message": f"Internal error: {exc!r}", "type": "api_error", "code": None}
+            await self._fail(job, 500, error, {})
+            return
+        if await self._queue.complete(job.id, self.worker_id, result, cost) is not None:
+            self.completed += 1
+
+    async def _execute(self, job: Job) -> tuple[Mapping[str, Any], int]:
+        principal = await self._principal_of(job.key_id)
+        if principal is None:
+            raise _KeyGone(job.key_id)
+        call = Call(
+            request_id=f"{job.id}-{job.attempts}",
+            principal=principal,
+            controls=RequestControls(priority=job.priority),
+        )
+        if job.kind is JobKind.CHAT:
+            answer = await self._gateway.chat(call, chat_request(dict(job.body)))
+            return answer.body, call.cost_micro_usd or 0
+        request, encoding = embedding_request(dict(job.body))
+        vectors = await self._gateway.embed(call, request)
+        body = orjson.loads(
+            orjson.dumps(embedding_body(vectors, encoding), option=orjson.OPT_SERIALIZE_NUMPY)
+        )
+        return body, call.cost_micro_usd or 0
+
+    async def _fail(
+        self, job: Job, status: int, error: Mapping[str, Any], headers: Mapping[str, str]
+    ) -> None:
+        detail = {**error, "status": status}
+        retry_at: float | None = None
+        dead = False
+        if status in TRANSIENT_STATUSES:
+            if job.attempts < job.max_attempts:
+                delay = next_retry_delay(
+                    job.attempts,
+                    base_s=self._retry_base_s,
+                    cap_s=self._retry_cap_s,
+                    retry_after_s=_seconds(headers.get("Retry-After")),
+                    rng=self._rng,
+                )
+                retry_at = self._clock() + delay
+            else:
+                dead = True
+        failure = Failure(detail, retry_at=retry_at, dead=dead)
+        if await self._queue.fail(job.id, self.worker_id, failure) is not None and retry_at is None:
+            self.failed += 1
+
+
+class _KeyGone(HeadraceError):
+    status = 403
+    type = "permission_error"
+    default_code = "key_revoked"
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(
+            f"The API key {key_id} that submitted this job was revoked, expired or deleted."
+        )
+
+
+def _seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None

@@ -1,0 +1,199 @@
+"""/v1/jobs through the in-process app, with the in-process runner and webhook outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from headrace.config import DeploymentConfig, JobsConfig, ModelConfig
+from headrace.domain import Role
+from headrace.events.signing import verify
+from headrace.gateway.auth import new_key, new_secret
+from headrace.worker.process import webhook_secret
+from tests.conftest import AUTH, GatewayFactory, echo_models
+
+CHAT = {"model": "echo", "messages": [{"role": "user", "content": "hello jobs"}]}
+FAST = JobsConfig(heartbeat_s=0.5, lease_s=2, retry_base_s=0.05, retry_cap_s=0.1, max_attempts=3)
+
+
+async def wait_final(client: httpx.AsyncClient, job_id: str, headers: Any = AUTH) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while True:
+        job = (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
+        if job["status"] not in ("queued", "running"):
+            return dict(job)
+        assert time.monotonic() < deadline, job
+        await asyncio.sleep(0.02)
+
+
+async def submit(client: httpx.AsyncClient, body: Any = None, **fields: Any) -> httpx.Response:
+    headers = {**AUTH, **fields.pop("headers", {})}
+    return await client.post("/v1/jobs", json={"body": body or CHAT, **fields}, headers=headers)
+
+
+async def test_a_job_is_accepted_at_once_and_runs_through_the_gateway(
+    gateway: GatewayFactory,
+) -> None:
+    client, _ = await gateway(jobs=True, models=echo_models(delay_s=0.2))
+    started = time.monotonic()
+    accepted = await submit(client, metadata={"ticket": "42"})
+    assert accepted.status_code == 202
+    assert time.monotonic() - started < 0.2  # did not wait for the upstream
+    job = accepted.json()
+    assert (job["status"], job["metadata"]) == ("queued", {"ticket": "42"})
+    assert accepted.headers["location"] == f"/v1/jobs/{job['id']}"
+    done = await wait_final(client, job["id"])
+    assert done["status"] == "succeeded"
+    assert done["result"]["choices"][0]["message"]["content"] == "hello jobs"
+    assert done["attempts"] == 1
+    listed = (await client.get("/v1/jobs", headers=AUTH)).json()
+    assert [j["id"] for j in listed["data"]] == [job["id"]]
+
+
+async def test_embeddings_jobs_return_openai_shaped_results(gateway: GatewayFactory) -> None:
+    client, _ = await gateway(jobs=True)
+    job = await submit(client, {"model": "echo-embed", "input": ["a", "b c"]}, kind="embeddings")
+    done = await wait_final(client, job.json()["id"])
+    assert done["status"] == "succeeded"
+    assert [d["index"] for d in done["result"]["data"]] == [0, 1]
+
+
+async def test_bad_submissions_are_400_naming_the_field(gateway: GatewayFactory) -> None:
+    client, _ = await gateway(jobs=True)
+    no_messages = await submit(client, {"model": "echo"})
+    assert no_messages.status_code == 400
+    assert no_messages.json()["error"]["param"] == "messages"
+    stream = await submit(client, {**CHAT, "stream": True})
+    assert stream.status_code == 400
+    unknown = await client.post("/v1/jobs", json={"body": CHAT, "colour": "red"}, headers=AUTH)
+    assert (unknown.status_code, unknown.json()["error"]["param"]) == (400, "colour")
+    ssrf = await submit(client, webhook_url="http://169.254.169.254/latest")
+    assert ssrf.status_code == 400
+    assert "allow_private_targets" in ssrf.json()["error"]["message"]
+
+
+async def test_idempotency_key_returns_the_same_job_and_409s_a_different_body(
+    gateway: GatewayFactory,
+) -> None:
+    client, _ = await gateway(jobs=True)
+    key = {"Idempotency-Key": "order-17"}
+    answers = await asyncio.gather(*(submit(client, headers=key) for _ in range(10)))
+    assert sorted(a.status_code for a in answers) == [200] * 9 + [202]
+    assert len({a.json()["id"] for a in answers}) == 1
+    other = await submit(client, {**CHAT, "temperature": 0.5}, headers=key)
+    assert (other.status_code, other.json()["error"]["code"]) == (409, "idempotency_key_reused")
+
+
+async def test_a_key_never_sees_another_teams_jobs(gateway: GatewayFactory) -> None:
+    client, rt = await gateway(jobs=True)
+    headers = []
+    for team in ("a", "b"):
+        secret = new_secret()
+        await rt.store.put(new_key(secret, role=Role.USER, name=team, team_id=team))
+        headers.append({"Authorization": f"Bearer {secret}"})
+    mine = (await client.post("/v1/jobs", json={"body": CHAT}, headers=headers[0])).json()
+    theirs = await client.get(f"/v1/jobs/{mine['id']}", headers=headers[1])
+    assert theirs.status_code == 404
+    cancel = await client.post(f"/v1/jobs/{mine['id']}/cancel", headers=headers[1])
+    assert cancel.status_code == 404
+    assert (await client.get("/v1/jobs", headers=headers[1])).json()["data"] == []
+
+
+async def test_events_stream_status_changes_until_final(gateway: GatewayFactory) -> None:
+    client, _ = await gateway(jobs=True, models=echo_models(delay_s=0.1))
+    job = (await submit(client)).json()
+    statuses = []
+    async with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers=AUTH) as events:
+        assert events.headers["content-type"].startswith("text/event-stream")
+        async for line in events.aiter_lines():
+            if line.startswith("event: "):
+                statuses.append(line.removeprefix("event: "))
+    assert statuses == ["job.queued", "job.running", "job.succeeded"]
+
+
+async def test_transient_failures_retry_then_dead_letter_and_replay(
+    gateway: GatewayFactory,
+) -> None:
+    failing = ModelConfig(
+        name="broken",
+        retry={"max_attempts": 1},
+        deployments=[
+            DeploymentConfig(
+                provider="openai_compatible",
+                model="x",
+                base_url="http://127.0.0.1:9/v1",
+                timeouts={"connect_s": 0.2},
+            )
+        ],
+    )
+    client, _ = await gateway(jobs=FAST, models=[*echo_models(), failing])
+    job = (await submit(client, {**CHAT, "model": "broken"})).json()
+    dead = await wait_final(client, job["id"])
+    assert dead["status"] == "dead"
+    assert dead["attempts"] == 3
+    assert [e["status"] for e in dead["errors"]] == [503, 503, 503]
+    letters = (await client.get("/admin/dead-letters", headers=AUTH)).json()["data"]
+    assert [j["id"] for j in letters] == [job["id"]]
+    replayed = await client.post(f"/admin/dead-letters/{job['id']}/replay", headers=AUTH)
+    assert replayed.json()["status"] == "queued"
+    assert (await wait_final(client, job["id"]))["status"] == "dead"
+    gone = await client.delete(f"/admin/dead-letters/{job['id']}", headers=AUTH)
+    assert gone.status_code == 200
+    assert (await client.get(f"/v1/jobs/{job['id']}", headers=AUTH)).status_code == 404
+
+
+async def test_permanent_failures_fail_at_once(gateway: GatewayFactory) -> None:
+    client, _ = await gateway(jobs=True)
+    job = (await submit(client, {**CHAT, "model": "no-such-model"})).json()
+    failed = await wait_final(client, job["id"])
+    assert (failed["status"], failed["attempts"]) == ("failed", 1)
+    assert failed["error"]["code"] == "model_not_found"
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
+    seen: list[tuple[dict[str, str], bytes]] = []
+    failures = [500]  # the first delivery fails, to exercise the retry
+
+    async def hook(request: web.Request) -> web.Response:
+        seen.append((dict(request.headers), await request.read()))
+        if failures:
+            return web.Response(status=failures.pop())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}/hook", seen
+    await runner.cleanup()
+
+
+async def test_webhook_is_signed_retried_and_has_a_delivery_history(
+    gateway: GatewayFactory, receiver: tuple[str, list[tuple[dict[str, str], bytes]]]
+) -> None:
+    url, seen = receiver
+    config = JobsConfig(webhooks={"allow_private_targets": True})
+    client, rt = await gateway(jobs=config)
+    job = (await submit(client, webhook_url=url)).json()
+    assert (await wait_final(client, job["id"]))["status"] == "succeeded"
+    deadline = time.monotonic() + 10
+    while len(seen) < 2:
+        assert time.monotonic() < deadline, seen
+        await asyncio.sleep(0.05)
+    secret = webhook_secret(rt)
+    for headers, body in seen:
+        verify(secret, {k.lower(): v for k, v in headers.items()}, body)
+    ids = {headers["webhook-id"] for headers, _ in seen}
+    assert len(ids) == 1  # one stable event id across retries
+    history = (await client.get(f"/v1/jobs/{job['id']}/deliveries", headers=AUTH)).json()
+    assert [(d["attempt"], d["status_code"]) for d in history["data"]] == [(1, 500), (2, 204)]
