@@ -197,3 +197,15 @@ async def test_webhook_is_signed_retried_and_has_a_delivery_history(
     assert len(ids) == 1  # one stable event id across retries
     history = (await client.get(f"/v1/jobs/{job['id']}/deliveries", headers=AUTH)).json()
     assert [(d["attempt"], d["status_code"]) for d in history["data"]] == [(1, 500), (2, 204)]
+
+
+async def test_queue_depth_per_priority_is_exported(gateway: GatewayFactory) -> None:
+    client, rt = await gateway(jobs=True)
+    for service in rt.services:  # stop the runner so the jobs stay queued
+        await service.stop()
+    await submit(client, priority="low")
+    await submit(client, priority="low")
+    await submit(client, priority="high")
+    metrics = (await client.get("/metrics")).text
+    assert 'headrace_queue_depth{priority="low"} 2.0' in metrics
+    assert 'headrace_queue_depth{priority="high"} 1.0' in metrics

@@ -71,6 +71,14 @@ async def metrics(request: Request) -> Response:
             rt.metrics.cache_bytes.set(stats.bytes)
             rt.metrics.cache_entries.set(stats.entries)
             rt.metrics.cache_evictions.set(stats.evictions)
+    if rt.job_queue is not None:
+        try:
+            depths = await rt.job_queue.depth()
+        except Exception:  # a scrape must not fail on a database blip
+            depths = []
+        for depth in depths:
+            rt.metrics.queue_depth.labels(depth.priority.value).set(depth.queued)
+            rt.metrics.queue_oldest_age.labels(depth.priority.value).set(depth.oldest_age_s)
     if rt.usage is not None:
         usage = rt.usage
         for outcome in ("written", "spooled", "replayed", "unspooled"):

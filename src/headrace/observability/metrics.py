@@ -171,5 +171,18 @@ class Metrics:
             "headrace_usage_spooling", "1 while usage records go to the spool.", registry=r
         )
 
+        self.queue_depth = Gauge(
+            "headrace_queue_depth",
+            "Queued jobs per priority class (the signal to scale workers on).",
+            ["priority"],
+            registry=r,
+        )
+        self.queue_oldest_age = Gauge(
+            "headrace_queue_oldest_age_seconds",
+            "Age of the oldest queued job per priority class.",
+            ["priority"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
