@@ -536,7 +536,7 @@ async def test_the_outbox_gets_an_event_exactly_when_a_hooked_job_ends(
     assert (item.created_at, item.attempts) == (T0 + 2, 0)
     assert item.payload == job_view(done)
     assert item.payload["result"] == {"choices": []}
-    assert item.payload["cost_micro_usd"] == 1234
+    assert item.payload["cost_usd"] == 0.001234
     assert item.payload["attempts"] == 2
     assert item.payload["metadata"] == {"run": "7"}
     assert item.payload["finished_at"] == T0 + 2
@@ -635,9 +635,12 @@ async def test_start_refuses_an_unmigrated_database(tmp_path: Path) -> None:
     await migrating.aclose()
 
 
-def test_job_view_is_plain_json() -> None:
+def test_job_view_is_plain_json_like_the_api_view() -> None:
+    from headrace.jobs.service import job_view as api_view
+
     done = dataclasses.replace(job("j1"), status=JobStatus.SUCCEEDED, result={"a": 1})
     view = job_view(done)
+    assert view == api_view(done)
     assert view["status"] == "succeeded"
     assert view["result"] == {"a": 1}
     assert view["error"] is None

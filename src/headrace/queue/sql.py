@@ -12,14 +12,23 @@ final and the job has a ``webhook_url``, inserts a ``webhook_outbox`` row.
 
 - PostgreSQL: ``claim``, ``recover`` and ``due_webhooks`` pick their rows with
   ``FOR UPDATE SKIP LOCKED``, so concurrent claimers never wait for each other nor take the
-  same row; ``claim`` is one ``UPDATE jobs ... WHERE id IN (SELECT ... LIMIT n FOR UPDATE
-  SKIP LOCKED) RETURNING *``. ``submit_many`` inserts with ``INSERT ... SELECT FROM
+  same row. ``claim`` is one ``UPDATE jobs ... WHERE id = ANY(ARRAY(SELECT id ... ORDER BY
+  ... LIMIT n FOR UPDATE SKIP LOCKED)) RETURNING *`` (the array form, not ``IN``: see
+  :meth:`SqlJobQueue._among`). ``submit_many`` inserts with ``INSERT ... SELECT FROM
   unnest(<one array per column>)``, as the store writes usage (docs/adr/0008).
 - SQLite: write transactions start with ``BEGIN IMMEDIATE`` (they take the database's write
   lock first, so a read-then-write transaction can never fail half way with "database is
   locked" when another process writes the same file; ``busy_timeout`` makes the others
   wait), and writers of one process queue on an :class:`asyncio.Lock` instead of polling the
-  busy handler. ``FOR UPDATE`` is not needed there: one writer at a time.
+  busy handler. ``FOR UPDATE`` is not needed there (SQLAlchemy does not render it): one
+  writer at a time.
+- Both: the worker-side queries name the state as a literal (``status = 'queued'``) so that
+  the partial indexes of :mod:`headrace.store.schema` serve them; those hold only the queued
+  (running, dead) rows, so a claim costs the same however many finished jobs the table keeps.
+
+A worker keeps its lease after ``lease_expires_at`` until :meth:`SqlJobQueue.recover` (which
+the runner calls periodically) takes the job back: until then, its heartbeat, ``complete``
+or ``fail`` still count.
 
 Ordering and fairness. Claim order is ``priority_rank DESC, fair_seq, created_at``, read in
 order from ``ix_jobs_claim``. ``fair_seq`` is a start-time fair-queueing tag per priority: a
@@ -32,7 +41,13 @@ backlog, or ahead of everyone with tags that restart at 1. Jobs requeued for a r
 their tag (they go ahead of newer work); a replayed job gets a new one.
 
 Deadlines. ``claim`` first fails the queued jobs whose ``deadline_at`` passed (error code
-``expired``), then claims among the rest.
+``expired``, up to 1,000 per claim), then claims among the rest.
+
+One module for the whole backend, past the 800 lines of STYLE.md: it is one class with one
+method per Protocol operation, each a transaction, plus the row mapping they share. The
+mapping (``_job_to_row``, ``_row_to_job``, :func:`job_view`, the outbox row) is what a second
+backend on the same tables (Procrastinate) would import, and should move to its own module
+then.
 """
 
 from __future__ import annotations
@@ -447,7 +462,8 @@ class SqlJobQueue:
                     job, status=status, finished_at=now, error=entry, errors=errors
                 )
                 detail = {}
-            await self._save(conn, row, after, now, {"attempt": job.attempts, **detail})
+            detail |= {"attempt": job.attempts, "code": entry.get("code")}
+            await self._save(conn, row, after, now, detail)
         return after
 
     async def release(self, worker: str, job_ids: Sequence[str]) -> None:
@@ -628,7 +644,8 @@ class SqlJobQueue:
         return after
 
     async def discard(self, job_id: str) -> bool:
-        """Delete a dead job with its events, idempotency key and webhook outbox and history."""
+        """Delete a dead job for good, with its events, its idempotency key (free again) and
+        its webhook outbox and delivery history (an undelivered ``job.dead`` is dropped)."""
         async with self._write() as conn:
             row = await self._lock(conn, job_id)
             if row is None or row.status != JobStatus.DEAD.value:
@@ -828,10 +845,12 @@ class SqlJobQueue:
 
 
 def job_view(job: Job) -> dict[str, Any]:
-    """The job as its owner sees it: the webhook payload (and the shape the API renders).
+    """The job as its owner sees it: the webhook payload, field for field the view that
+    ``GET /v1/jobs/{id}`` renders (:func:`headrace.jobs.service.job_view`, which this layer
+    cannot import; the two should become one, in :mod:`headrace.queue.base`).
 
-    ``result`` is set once succeeded; ``error`` is the last failure (None once succeeded).
-    Times are unix seconds; cost is integer micro-dollars.
+    ``result`` is set once succeeded; ``error`` is the last failure (None once succeeded) and
+    ``errors`` every failed attempt. Times are unix seconds.
     """
     return {
         "id": job.id,
@@ -841,14 +860,16 @@ def job_view(job: Job) -> dict[str, Any]:
         "priority": job.priority.value,
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
-        "cost_micro_usd": job.cost_micro_usd,
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
         "deadline_at": job.deadline_at,
         "result": None if job.result is None else dict(job.result),
         "error": None if job.error is None else dict(job.error),
+        "errors": [dict(e) for e in job.errors],
+        "cost_usd": job.cost_micro_usd / 1e6,
         "metadata": dict(job.metadata),
+        "webhook_url": job.webhook_url,
         "batch_id": job.batch_id,
     }
 
