@@ -54,6 +54,15 @@ class Failure:
 
 
 @dataclass(frozen=True, slots=True)
+class Completion:
+    """A job's successful result, as a worker reports it."""
+
+    job_id: str
+    result: Mapping[str, Any]
+    cost_micro_usd: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueueDepth:
     priority: Priority
     queued: int
@@ -129,6 +138,13 @@ class JobQueue(Protocol):
     ) -> Job | None:
         """``running`` → ``succeeded`` if ``worker`` holds the lease; None when it does not
         (the lease expired and another worker took the job: its result wins)."""
+        ...
+
+    async def complete_many(
+        self, worker: str, completions: Sequence[Completion]
+    ) -> list[Job | None]:
+        """:meth:`complete` for many jobs in one transaction (a busy worker batches them);
+        one answer per completion, in order."""
         ...
 
     async def fail(self, job_id: str, worker: str, failure: Failure) -> Job | None:

@@ -89,6 +89,7 @@ from sqlalchemy.types import TypeEngine
 
 from headrace.domain import Job, JobEvent, JobKind, JobStatus, Priority
 from headrace.queue.base import (
+    Completion,
     DeliveryRecord,
     Failure,
     Idempotency,
@@ -410,30 +411,42 @@ class SqlJobQueue:
     async def complete(
         self, job_id: str, worker: str, result: Mapping[str, Any], cost_micro_usd: int
     ) -> Job | None:
+        (done,) = await self.complete_many(worker, [Completion(job_id, result, cost_micro_usd)])
+        return done
+
+    async def complete_many(
+        self, worker: str, completions: Sequence[Completion]
+    ) -> list[Job | None]:
         now = self._clock()
         c = jobs.c
+        rows: list[Row[Any] | None] = []
         async with self._write() as conn:
-            row = (
-                await conn.execute(
-                    update(jobs)
-                    .where(c.id == job_id, c.status == _RUNNING, c.lease_owner == worker)
-                    .values(
-                        status=JobStatus.SUCCEEDED.value,
-                        result=_dumps(result),
-                        error=None,
-                        cost_micro_usd=int(cost_micro_usd),
-                        finished_at=now,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        event_seq=c.event_seq + 1,
-                    )
-                    .returning(*jobs.c)
+            for done in completions:
+                rows.append(
+                    (
+                        await conn.execute(
+                            update(jobs)
+                            .where(
+                                c.id == done.job_id, c.status == _RUNNING, c.lease_owner == worker
+                            )
+                            .values(
+                                status=JobStatus.SUCCEEDED.value,
+                                result=_dumps(done.result),
+                                error=None,
+                                cost_micro_usd=int(done.cost_micro_usd),
+                                finished_at=now,
+                                lease_owner=None,
+                                lease_expires_at=None,
+                                event_seq=c.event_seq + 1,
+                            )
+                            .returning(*jobs.c)
+                        )
+                    ).first()
                 )
-            ).first()
-            if row is None:
-                return None
-            await self._record(conn, [(row, {"attempt": row.attempts})], now)
-        return _row_to_job(row)
+            finished = [(row, {"attempt": row.attempts}) for row in rows if row is not None]
+            if finished:
+                await self._record(conn, finished, now)
+        return [None if row is None else _row_to_job(row) for row in rows]
 
     async def fail(self, job_id: str, worker: str, failure: Failure) -> Job | None:
         now = self._clock()

@@ -3,8 +3,10 @@
 One claim loop takes up to ``concurrency - in flight`` jobs at a time; each job is a task on
 this event loop, so thousands can wait on upstreams at once. A heartbeat loop extends the
 leases of running jobs and stops the ones the queue no longer gives this worker (cancelled by
-the client, or lease lost); a recovery loop requeues jobs whose worker died. On stop, running
-jobs get ``grace_s`` to finish; the rest are cancelled and released, attempt refunded.
+the client, or lease lost); a recovery loop requeues jobs whose worker died. Results are
+written in batches: those finishing within ``COMPLETION_BATCH_S`` share one transaction. On
+stop, running jobs get ``grace_s`` to finish; the rest are cancelled and released, attempt
+refunded.
 
 Failures: a transient error (429, 5xx, timeouts, the gateway overloaded) is retried with
 exponential backoff and full jitter, honouring ``Retry-After``; after ``max_attempts`` the job
@@ -31,12 +33,13 @@ from headrace.domain import Call, Job, JobKind, Principal, RequestControls
 from headrace.errors import HeadraceError
 from headrace.events.webhooks import next_retry_delay
 from headrace.gateway.service import GatewayService
-from headrace.queue.base import Failure, JobQueue
+from headrace.queue.base import Completion, Failure, JobQueue
 
 log = structlog.get_logger("headrace")
 
 PrincipalOf = Callable[[str], Awaitable[Principal | None]]
 TRANSIENT_STATUSES = frozenset({408, 409, 429, 499, 500, 502, 503, 504})
+COMPLETION_BATCH_S = 0.005  # results wait at most this long to share a transaction
 
 
 class JobRunner:
@@ -75,6 +78,9 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._completions: list[tuple[Completion, asyncio.Future[Job | None]]] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._writes: set[asyncio.Task[None]] = set()
         self.completed = 0
         self.failed = 0
 
@@ -189,8 +195,44 @@ class JobRunner:
             error = {"message": f"Internal error: {exc!r}", "type": "api_error", "code": None}
             await self._fail(job, 500, error, {})
             return
-        if await self._queue.complete(job.id, self.worker_id, result, cost) is not None:
+        if await self._complete(Completion(job.id, result, cost)) is not None:
             self.completed += 1
+
+    async def _complete(self, completion: Completion) -> Job | None:
+        """Queue the completion for the next batch (one transaction for many jobs)."""
+        done: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
+        self._completions.append((completion, done))
+        if len(self._completions) >= self._claim_batch:
+            self._flush_completions()
+        elif self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(
+                COMPLETION_BATCH_S, self._flush_completions
+            )
+        return await asyncio.shield(done)
+
+    def _flush_completions(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        batch, self._completions = self._completions, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._write_completions(batch))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def _write_completions(
+        self, batch: list[tuple[Completion, asyncio.Future[Job | None]]]
+    ) -> None:
+        try:
+            jobs = await self._queue.complete_many(self.worker_id, [c for c, _ in batch])
+        except Exception as exc:
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for (_, done), job in zip(batch, jobs, strict=True):
+            if not done.done():
+                done.set_result(job)
 
     async def _execute(self, job: Job) -> tuple[Mapping[str, Any], int]:
         principal = await self._principal_of(job.key_id)
