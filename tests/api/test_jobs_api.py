@@ -208,3 +208,37 @@ async def test_queue_depth_per_priority_is_exported(gateway: GatewayFactory) -> 
     metrics = (await client.get("/metrics")).text
     assert 'headrace_queue_depth{priority="low"} 2.0' in metrics
     assert 'headrace_queue_depth{priority="high"} 1.0' in metrics
+
+
+async def test_chat_idempotency_key_runs_once_and_replays_the_answer(
+    gateway: GatewayFactory,
+) -> None:
+    client, rt = await gateway(jobs=True, models=echo_models(delay_s=0.2))
+    headers = {**AUTH, "Idempotency-Key": "chat-1"}
+    answers = await asyncio.gather(
+        *(client.post("/v1/chat/completions", json=CHAT, headers=headers) for _ in range(5))
+    )
+    assert [a.status_code for a in answers] == [200] * 5
+    assert len({a.json()["id"] for a in answers}) == 1  # the same stored answer
+    assert sorted(a.headers.get("idempotent-replayed", "") for a in answers) == [""] + ["true"] * 4
+    assert rt.usage is not None
+    await rt.usage.flush()
+    assert await rt.store.count_usage_records() == 1  # one upstream call, billed once
+    other = await client.post(
+        "/v1/chat/completions", json={**CHAT, "temperature": 1}, headers=headers
+    )
+    assert (other.status_code, other.json()["error"]["code"]) == (409, "idempotency_key_reused")
+
+
+async def test_chat_idempotency_replays_the_first_error_too(gateway: GatewayFactory) -> None:
+    client, _ = await gateway(jobs=True)
+    headers = {**AUTH, "Idempotency-Key": "chat-2"}
+    body = {**CHAT, "model": "no-such-model"}
+    first = await client.post("/v1/chat/completions", json=body, headers=headers)
+    again = await client.post("/v1/chat/completions", json=body, headers=headers)
+    assert first.status_code == again.status_code == 404
+    assert first.json()["error"]["code"] == again.json()["error"]["code"] == "model_not_found"
+    stream = await client.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers
+    )
+    assert stream.status_code == 400

@@ -12,21 +12,30 @@ team's job is "not found", never "forbidden", so ids cannot be probed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from headrace.domain import Job, JobEvent, JobKind, JobStatus, Principal, Priority
-from headrace.errors import ConflictError, InvalidRequestError, NotFoundError
+from headrace.errors import (
+    ConflictError,
+    HeadraceError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+)
 from headrace.events.ssrf import validate_webhook_url
-from headrace.queue.base import Idempotency, IdempotencyConflictError, JobQueue
+from headrace.queue.base import Failure, Idempotency, IdempotencyConflictError, JobQueue, Lease
 
 Validate = Callable[[JobKind, Mapping[str, Any]], None]
+INLINE_LEASE_S = 600.0  # an idempotent request holds its job this long; then workers may take it
+IDEMPOTENT_POLL_S = 0.05  # a repeat of an in-flight request checks this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +87,7 @@ class JobService:
         self._validate = validate
         self._policy = policy or JobPolicy()
         self._clock = clock
+        self._pending: set[asyncio.Future[None]] = set()
 
     @property
     def queue(self) -> JobQueue:
@@ -156,6 +166,80 @@ class JobService:
                 code="idempotency_key_reused",
             ) from None
 
+    async def once(
+        self,
+        principal: Principal,
+        kind: JobKind,
+        body: Mapping[str, Any],
+        idempotency_key: str,
+        run: Callable[[], Awaitable[tuple[Mapping[str, Any], int]]],
+    ) -> tuple[Mapping[str, Any], bool]:
+        """Run a synchronous request at most once per ``Idempotency-Key``: ``(body, replayed)``.
+
+        The first request becomes a job that this process runs inline (leased to it, so no
+        worker takes it); a repeat waits for that job and returns its stored answer (or its
+        error) without calling the upstream again, so it is not billed twice. If the first
+        request's client goes away, the job is handed to the workers, and a retry with the same
+        key gets the answer when they finish it.
+        """
+        job = self.new_job(
+            principal,
+            kind,
+            body,
+            JobOptions(metadata={"source": f"/v1/{kind.value}"}),
+            idempotency_key=idempotency_key,
+        )
+        claim = Idempotency(
+            scope=scope_of(principal),
+            key=idempotency_key,
+            body_hash=body_hash(kind, body),
+            expires_at=job.created_at + self._policy.idempotency_ttl_s,
+        )
+        worker = f"inline-{uuid.uuid4().hex[:12]}"
+        try:
+            job, created = await self._queue.submit(
+                job, claim, lease=Lease(worker, INLINE_LEASE_S)
+            )
+        except IdempotencyConflictError as exc:
+            raise ConflictError(
+                f"The Idempotency-Key {idempotency_key!r} was used for a different request "
+                f"(job {exc.existing.id}); use a new key for a new request.",
+                code="idempotency_key_reused",
+            ) from None
+        if not created:
+            return await self._stored_answer(job.id), True
+        try:
+            result, cost = await run()
+        except HeadraceError as exc:
+            failure = Failure({**exc.to_openai()["error"], "status": exc.status}, retry_at=None)
+            await self._queue.fail(job.id, worker, failure)
+            raise
+        except BaseException:
+            # The client went away mid-call: let a worker finish the job for its retry.
+            release = asyncio.ensure_future(self._queue.release(worker, [job.id]))
+            self._pending.add(release)
+            release.add_done_callback(self._pending.discard)
+            raise
+        await self._queue.complete(job.id, worker, result, cost)
+        return result, False
+
+    async def _stored_answer(self, job_id: str) -> Mapping[str, Any]:
+        deadline = self._clock() + INLINE_LEASE_S
+        while True:
+            job = await self._queue.get(job_id)
+            if job is None:
+                raise NotFoundError("The request with this Idempotency-Key was discarded.")
+            if job.status is JobStatus.SUCCEEDED and job.result is not None:
+                return job.result
+            if job.status.final:
+                raise _stored_error(job)
+            if self._clock() > deadline:
+                raise OverloadedError(
+                    "The first request with this Idempotency-Key is still running; retry later.",
+                    headers={"Retry-After": "5"},
+                )
+            await asyncio.sleep(IDEMPOTENT_POLL_S)
+
     async def get(self, principal: Principal, job_id: str) -> Job:
         job = await self._queue.get(job_id)
         if job is None or not _visible(principal, job):
@@ -190,6 +274,22 @@ class JobService:
     async def events(self, principal: Principal, job_id: str, after_seq: int = 0) -> list[JobEvent]:
         await self.get(principal, job_id)
         return await self._queue.events(job_id, after_seq)
+
+
+class _StoredError(HeadraceError):
+    """The error the first request with an Idempotency-Key got, returned again."""
+
+
+def _stored_error(job: Job) -> HeadraceError:
+    error = dict(job.error or {})
+    stored = _StoredError(
+        str(error.get("message") or f"The first request ended {job.status.value}."),
+        param=error.get("param"),
+        code=error.get("code"),
+    )
+    stored.status = int(error.get("status") or 500)  # type: ignore[misc]
+    stored.type = str(error.get("type") or "api_error")  # type: ignore[misc]
+    return stored
 
 
 def _visible(principal: Principal, job: Job) -> bool:

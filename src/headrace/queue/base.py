@@ -45,6 +45,14 @@ class Idempotency:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """Who holds a running job, and for how long from now."""
+
+    worker: str
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Failure:
     """How an attempt failed: OpenAI-shaped ``error`` (with ``status``), and what happens next."""
 
@@ -105,12 +113,18 @@ class JobQueue(Protocol):
 
     # -- submission ---------------------------------------------------------------------------
 
-    async def submit(self, job: Job, idempotency: Idempotency | None = None) -> tuple[Job, bool]:
+    async def submit(
+        self, job: Job, idempotency: Idempotency | None = None, *, lease: Lease | None = None
+    ) -> tuple[Job, bool]:
         """Store and enqueue ``job`` atomically; ``(job, True)`` when new.
 
         With ``idempotency``: an unexpired record for ``(scope, key)`` with the same
         ``body_hash`` returns the job it made and ``False``; a different hash raises
         :class:`IdempotencyConflictError`. Concurrent submissions of one key create one job.
+
+        With ``lease``: the job starts ``running`` at once, held by ``lease.worker`` (the
+        caller runs it itself, as an idempotent synchronous request does); if the caller dies,
+        :meth:`recover` queues it for a worker like any other.
         """
         ...
 

@@ -94,6 +94,7 @@ from headrace.queue.base import (
     Failure,
     Idempotency,
     IdempotencyConflictError,
+    Lease,
     OutboxItem,
     QueueDepth,
 )
@@ -213,15 +214,24 @@ class SqlJobQueue:
 
     # -- submission ---------------------------------------------------------------------------
 
-    async def submit(self, job: Job, idempotency: Idempotency | None = None) -> tuple[Job, bool]:
+    async def submit(
+        self, job: Job, idempotency: Idempotency | None = None, *, lease: Lease | None = None
+    ) -> tuple[Job, bool]:
         now = self._clock()
+        if lease is not None:
+            job = dataclasses.replace(
+                job, status=JobStatus.RUNNING, attempts=job.attempts + 1, started_at=now
+            )
         async with self._write() as conn:
             if idempotency is not None:
                 existing = await self._take_key(conn, job, idempotency, now)
                 if existing is not None:
                     return existing, False
             (tag,) = await self._next_tags(conn, [job], now)
-            await conn.execute(insert(jobs).values(_job_to_row(job, tag)))
+            row = _job_to_row(job, tag)
+            if lease is not None:
+                row |= {"lease_owner": lease.worker, "lease_expires_at": now + lease.duration_s}
+            await conn.execute(insert(jobs).values(row))
             await conn.execute(insert(job_events).values(_event_row(job, 1, now, {})))
         return job, True
 
