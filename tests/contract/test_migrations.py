@@ -71,7 +71,7 @@ def schema_differences(conn: sqlalchemy.Connection) -> list[Any]:
 
 async def test_the_package_ships_one_linear_history() -> None:
     assert head_revision() == ALL[-1]
-    assert ALL == [f"{n:04d}" for n in range(1, len(ALL) + 1)]  # no gap, no branch
+    assert [f"{n:04d}" for n in range(1, len(ALL) + 1)] == ALL  # no gap, no branch
 
 
 async def test_upgrade_from_empty_matches_the_schema_module(url: str) -> None:
