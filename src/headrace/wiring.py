@@ -31,6 +31,7 @@ from headrace.gateway.quota import QuotaGuard
 from headrace.gateway.selection import ModelSelector, SelectionRule
 from headrace.gateway.semantic import SemanticCache, SemanticPolicy
 from headrace.gateway.service import GatewayService
+from headrace.jobs.batches import BatchService
 from headrace.jobs.service import JobPolicy, JobService, Validate
 from headrace.limits.base import Limiter
 from headrace.limits.fallback import FallbackLimiter
@@ -41,6 +42,7 @@ from headrace.providers.base import Provider
 from headrace.providers.batching import BatchingProvider
 from headrace.providers.http import SessionPool
 from headrace.queue.base import JobQueue
+from headrace.queue.batches_sql import store_beside
 from headrace.routing.breaker import BreakerConfig
 from headrace.routing.catalog import Catalog
 from headrace.routing.classify import ErrorClass
@@ -106,6 +108,7 @@ class Runtime:
     limiter: Limiter | None = None
     usage: UsageWriter | None = None
     jobs: JobService | None = None
+    batches: BatchService | None = None
     job_queue: JobQueue | None = None
     jobs_options: JobsOptions | None = None
     services: list[Service] = field(default_factory=list)
@@ -360,7 +363,18 @@ def _sql_queue(settings: Settings) -> JobQueue:
     return SqlJobQueue(settings.resolved_database_url, migrate_on_start=_migrate_on_start(settings))
 
 
-JOB_QUEUES: Mapping[str, Callable[[Settings], JobQueue]] = {"sql": _sql_queue}
+def _procrastinate_queue(settings: Settings) -> JobQueue:
+    from headrace.queue.procrastinate import ProcrastinateJobQueue
+
+    return ProcrastinateJobQueue(
+        settings.resolved_database_url, migrate_on_start=_migrate_on_start(settings)
+    )
+
+
+JOB_QUEUES: Mapping[str, Callable[[Settings], JobQueue]] = {
+    "sql": _sql_queue,
+    "procrastinate": _procrastinate_queue,
+}
 
 
 def build_jobs(settings: Settings, validate: Validate) -> tuple[JobService, JobQueue, JobsOptions]:
@@ -481,10 +495,12 @@ def build_runtime(
             flush_interval_s=u.flush_interval_s,
             max_buffer=u.max_buffer,
         )
-    jobs = job_queue = jobs_options = None
+    jobs = job_queue = jobs_options = batches = None
     if validate_job is not None:
         jobs, job_queue, jobs_options = build_jobs(settings, validate_job)
+        batches = BatchService(jobs, store_beside(job_queue))
         readiness["jobs"] = job_queue.check
+        optional.add("jobs")  # the job table is the store's database: degraded with it
     if usage is not None:
         readiness["usage"] = _spool_check(usage)
         optional.add("usage")  # records wait in the spool; nothing is lost
@@ -508,6 +524,7 @@ def build_runtime(
         limiter=limiter,
         usage=usage,
         jobs=jobs,
+        batches=batches,
         job_queue=job_queue,
         jobs_options=jobs_options,
         providers=providers,

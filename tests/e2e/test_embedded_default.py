@@ -73,6 +73,8 @@ def test_ready_checks_every_dependency(embedded: tuple[Server, str, Path]) -> No
     assert set(body["checks"]) == {
         "store",
         "cache",
+        "jobs",
+        "usage",
         f"deployment:{CHAT_MODEL}/0",
         "deployment:all-minilm-l6-v2/0",
     }

@@ -17,7 +17,18 @@ from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
 from headrace import __version__
-from headrace.api import admin, admin_keys, chat, embeddings, errors, jobs, models, ops, usage
+from headrace.api import (
+    admin,
+    admin_keys,
+    batches,
+    chat,
+    embeddings,
+    errors,
+    jobs,
+    models,
+    ops,
+    usage,
+)
 from headrace.api.middleware import RequestMiddleware
 from headrace.wiring import Runtime
 
@@ -35,7 +46,7 @@ def create_app(rt: Runtime) -> Starlette:
 
     api = FastAPI(title="Headrace", version=__version__, summary="OpenAI-compatible AI gateway.")
     api.state.runtime = rt
-    for module in (chat, embeddings, models, ops, admin, admin_keys, usage, jobs):
+    for module in (chat, embeddings, models, ops, admin, admin_keys, usage, jobs, batches):
         api.include_router(module.router)
     errors.install(api)
 

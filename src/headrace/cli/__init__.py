@@ -123,4 +123,4 @@ def main() -> None:
     app()
 
 
-from headrace.cli import admin, jobs  # noqa: E402, F401 - registers their commands
+from headrace.cli import admin, batch, jobs  # noqa: E402, F401 - registers their commands

@@ -175,6 +175,11 @@ class SqlJobQueue:
         async with self._write_lock, self._writer.begin() as conn:
             yield conn
 
+    @property
+    def engine(self) -> AsyncEngine:
+        """The database engine (for stores that must live beside the jobs: batches)."""
+        return self._engine
+
     def _among(self, column: ColumnElement[str], picked: Select[tuple[str]]) -> ColumnElement[bool]:
         """``column IN (picked)``; on PostgreSQL ``column = ANY(ARRAY(picked))``.
 

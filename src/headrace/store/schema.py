@@ -21,6 +21,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -251,4 +252,59 @@ webhook_deliveries = Table(
     Column("outcome", String(16), nullable=False),
     Column("error", Text, nullable=True),
     PrimaryKeyConstraint("event_id", "attempt", name="pk_webhook_deliveries"),
+)
+
+# -- files and batches (revision 0004) ------------------------------------------------------
+# The OpenAI Batch API (headrace.queue.batches_sql). A file's bytes live in the row
+# (``content``: BLOB on SQLite, BYTEA on PostgreSQL). An upload is one HTTP request body, so
+# ``server.max_body_bytes`` (8 MiB by default) bounds a file, and a batch's output file is
+# written in one transaction: fine for the embedded default and for batches of thousands of
+# requests; batches of hundreds of megabytes want object storage instead.
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("team_id", String(64), nullable=True),
+    Column("key_id", String(64), nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("content", LargeBinary, nullable=False),
+    Index("ix_files_team_id_created_at", "team_id", "created_at"),
+    Index("ix_files_key_id_created_at", "key_id", "created_at"),
+)
+
+# One row per batch; its requests are jobs (``jobs.batch_id``). ``request_counts`` are the
+# counts last computed from those jobs; ``errors`` (JSON list of OpenAI batch errors) and
+# ``usage`` (JSON, OpenAI's batch usage) are set when the batch fails or ends.
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("team_id", String(64), nullable=True),
+    Column("key_id", String(64), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(64), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("output_file_id", String(64), nullable=True),
+    Column("error_file_id", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("in_progress_at", Float, nullable=True),
+    Column("finalizing_at", Float, nullable=True),
+    Column("completed_at", Float, nullable=True),
+    Column("failed_at", Float, nullable=True),
+    Column("expired_at", Float, nullable=True),
+    Column("cancelling_at", Float, nullable=True),
+    Column("cancelled_at", Float, nullable=True),
+    Column("expires_at", Float, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("completed", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("metadata", Text, nullable=False),
+    Column("errors", Text, nullable=True),
+    Column("usage", Text, nullable=True),
+    Index("ix_batches_team_id_created_at", "team_id", "created_at"),
+    Index("ix_batches_key_id_created_at", "key_id", "created_at"),
 )
