@@ -6,7 +6,8 @@
     ├── InvalidRequestError            400 invalid_request_error
     │   ├── MalformedJsonError         400 invalid_request_error / invalid_json
     │   ├── ValidationFailedError      400 invalid_request_error / invalid_value (names the field)
-    │   └── PayloadTooLargeError       413 invalid_request_error / payload_too_large
+    │   ├── PayloadTooLargeError       413 invalid_request_error / payload_too_large
+    │   └── (jobs.batches) BatchInputError 400 / invalid_batch_input (every bad line listed)
     ├── AuthenticationError            401 authentication_error / invalid_api_key
     ├── PermissionDeniedError          403 permission_error
     ├── NotFoundError                  404 not_found_error
