@@ -1,4 +1,5 @@
-"""The JobQueue contract against the SQL backend: SQLite (a file) and PostgreSQL, on a fake clock.
+"""The JobQueue contract on a fake clock: the SQL backend on SQLite (a file) and on PostgreSQL,
+and the Procrastinate backend (PostgreSQL).
 
 Tests that need several processes use several queue objects on one database: each has its
 own engine (and, on SQLite, its own in-process write lock), as separate processes would.
@@ -43,9 +44,15 @@ class FakeClock:
         self.now += seconds
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
+@pytest.fixture(params=["sqlite", "postgresql", "procrastinate"])
+def backend(request: pytest.FixtureRequest) -> str:
+    value: str = request.param
+    return value
+
+
+@pytest.fixture
+def url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if backend == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}"
     value: str = request.getfixturevalue("fresh_database_url")
     return value
@@ -60,13 +67,20 @@ QueueFactory = Callable[[], Awaitable[SqlJobQueue]]
 
 
 @pytest.fixture
-async def make_queue(url: str, clock: FakeClock) -> AsyncIterator[QueueFactory]:
+async def make_queue(backend: str, url: str, clock: FakeClock) -> AsyncIterator[QueueFactory]:
     """Factory for queue objects on one migrated database, like one per process."""
     await migrate(url)
+    kind: type[SqlJobQueue] = SqlJobQueue
+    if backend == "procrastinate":
+        pytest.importorskip("procrastinate")
+        from headrace.queue import procrastinate
+
+        await procrastinate.migrate(url)  # as `headrace migrate` does
+        kind = procrastinate.ProcrastinateJobQueue
     made: list[SqlJobQueue] = []
 
     async def factory() -> SqlJobQueue:
-        queue = SqlJobQueue(url, clock=clock)
+        queue = kind(url, clock=clock)
         await queue.start()
         made.append(queue)
         return queue

@@ -16,8 +16,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
 ADMIN_KEY = "hr_e2e-admin-key"
@@ -150,3 +152,23 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, mock_upstream: Server) -> 
     )
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close every sync ``openai.OpenAI`` client a test made, at the test's end.
+
+    Tests build short-lived clients inline; left to the garbage collector, their pooled
+    sockets raise ResourceWarning in whichever later test happens to collect them.
+    """
+    made: list[openai.OpenAI] = []
+    init = openai.OpenAI.__init__
+
+    def remember(self: openai.OpenAI, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(openai.OpenAI, "__init__", remember)
+    yield
+    for client in made:
+        client.close()

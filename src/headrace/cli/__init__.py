@@ -90,14 +90,22 @@ def migrate(config: ConfigOption = None) -> None:
     from headrace.store.migrate import migrate as upgrade
 
     settings = settings_from(config)
+    url = settings.resolved_database_url
     try:
-        applied = asyncio.run(upgrade(settings.resolved_database_url))
+        applied = asyncio.run(upgrade(url))
+        queue_schema = False
+        if settings.jobs.backend == "procrastinate":
+            from headrace.queue import procrastinate
+
+            queue_schema = asyncio.run(procrastinate.migrate(url))
     except (SchemaOutOfDateError, SQLAlchemyError, OSError) as exc:
         typer.echo(f"migration failed: {exc}", err=True)
         raise typer.Exit(1) from None
     for revision in applied:
         typer.echo(f"applied {revision}")
-    if not applied:
+    if queue_schema:
+        typer.echo("applied Procrastinate's schema (jobs.backend: procrastinate)")
+    if not applied and not queue_schema:
         typer.echo("already at head")
 
 

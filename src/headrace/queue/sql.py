@@ -414,12 +414,14 @@ class SqlJobQueue:
             return set()
         now = self._clock()
         c = jobs.c
+        mine = [c.id.in_(sorted(wanted)), c.status == _RUNNING, c.lease_owner == worker]
         async with self._write() as conn:
+            if not self._sqlite:
+                # Lock in id order, as complete_many does: two transactions that take the same
+                # rows in the same order cannot deadlock.
+                await conn.execute(select(c.id).where(*mine).order_by(c.id).with_for_update())
             held = await conn.execute(
-                update(jobs)
-                .where(c.id.in_(sorted(wanted)), c.status == _RUNNING, c.lease_owner == worker)
-                .values(lease_expires_at=now + lease_s)
-                .returning(c.id)
+                update(jobs).where(*mine).values(lease_expires_at=now + lease_s).returning(c.id)
             )
             return wanted - set(held.scalars())
 
@@ -434,34 +436,33 @@ class SqlJobQueue:
     ) -> list[Job | None]:
         now = self._clock()
         c = jobs.c
-        rows: list[Row[Any] | None] = []
+        rows: dict[str, Row[Any] | None] = {}
         async with self._write() as conn:
-            for done in completions:
-                rows.append(
-                    (
-                        await conn.execute(
-                            update(jobs)
-                            .where(
-                                c.id == done.job_id, c.status == _RUNNING, c.lease_owner == worker
-                            )
-                            .values(
-                                status=JobStatus.SUCCEEDED.value,
-                                result=_dumps(done.result),
-                                error=None,
-                                cost_micro_usd=int(done.cost_micro_usd),
-                                finished_at=now,
-                                lease_owner=None,
-                                lease_expires_at=None,
-                                event_seq=c.event_seq + 1,
-                            )
-                            .returning(*jobs.c)
+            # In id order, so that this and a heartbeat never lock the same rows in opposite
+            # orders (a deadlock on PostgreSQL).
+            for done in sorted(completions, key=lambda d: d.job_id):
+                rows[done.job_id] = (
+                    await conn.execute(
+                        update(jobs)
+                        .where(c.id == done.job_id, c.status == _RUNNING, c.lease_owner == worker)
+                        .values(
+                            status=JobStatus.SUCCEEDED.value,
+                            result=_dumps(done.result),
+                            error=None,
+                            cost_micro_usd=int(done.cost_micro_usd),
+                            finished_at=now,
+                            lease_owner=None,
+                            lease_expires_at=None,
+                            event_seq=c.event_seq + 1,
                         )
-                    ).first()
-                )
-            finished = [(row, {"attempt": row.attempts}) for row in rows if row is not None]
+                        .returning(*jobs.c)
+                    )
+                ).first()
+            finished = [(row, {"attempt": row.attempts}) for row in rows.values() if row]
             if finished:
                 await self._record(conn, finished, now)
-        return [None if row is None else _row_to_job(row) for row in rows]
+        answers = [rows[done.job_id] for done in completions]
+        return [None if row is None else _row_to_job(row) for row in answers]
 
     async def fail(self, job_id: str, worker: str, failure: Failure) -> Job | None:
         now = self._clock()
