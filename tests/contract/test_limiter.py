@@ -63,7 +63,8 @@ async def backend(request: pytest.FixtureRequest, redis_url: str | None) -> Asyn
     from headrace.limits.redis import RedisLimiter
 
     prefix = f"headrace-test:lim:{uuid.uuid4().hex}:"
-    one, two = RedisLimiter(redis_url, prefix=prefix), RedisLimiter(redis_url, prefix=prefix)
+    # Generous timeouts: these tests check behaviour, and a loaded machine connects slowly.
+    one, two = (RedisLimiter(redis_url, prefix=prefix, timeout_s=5.0) for _ in range(2))
     try:
         yield Backend(one, two, asyncio.sleep, 0.25)
     finally:
