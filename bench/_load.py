@@ -140,7 +140,10 @@ class _Runner:
 
 async def run(spec: LoadSpec) -> None:
     """Warm up, then run one measured phase per ``go`` line until stdin closes."""
-    connector = aiohttp.TCPConnector(limit=spec.concurrency)
+    # Idle connections are dropped after 4 s, before the server's keep-alive (uvicorn: 5 s)
+    # closes them: otherwise a request sent just as the server closes fails with a reset. A
+    # generator idles while other sides take their turns or while the benchmark waits for quiet.
+    connector = aiohttp.TCPConnector(limit=spec.concurrency, keepalive_timeout=4.0)
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession(connector=connector) as session:
         runner = _Runner(spec, session)

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
 import platform
+import re
 import signal
 import sys
 import tempfile
@@ -88,8 +91,11 @@ class Plan:
     time_limit_s: int
 
 
-FULL = Plan(200.0, 3000, 6, 64, 2.0, 3, 1.0, 100_000, 3, 60.0, 600)
-QUICK = Plan(200.0, 600, 2, 64, 2.0, 1, 0.5, 20_000, 1, 5.0, 240)
+# Blocks of at most 1.25 s at the fixed rate: each side's connections then idle less than
+# uvicorn's 5 s keep-alive while the other three sides take their turns (longer, and the
+# servers close them: reconnections, and now and then a request sent on a closing socket).
+FULL = Plan(200.0, 3000, 12, 64, 2.0, 3, 1.0, 100_000, 3, 60.0, 600)
+QUICK = Plan(200.0, 600, 4, 64, 2.0, 1, 0.5, 20_000, 1, 5.0, 240)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +115,29 @@ class Setup:
 
 @dataclass(frozen=True, slots=True)
 class Accounting:
-    """A gateway's chat requests by its own counter, and the usage records stored."""
+    """A gateway's chat requests by HTTP status (its own counter) and the usage records stored,
+    by the status they record."""
 
-    requests: int
-    records: int
+    requests: dict[int, int]
+    records: dict[int, int]
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
+
+    @property
+    def total_records(self) -> int:
+        return sum(self.records.values())
+
+    @property
+    def unmatched(self) -> int:
+        """Requests without a record plus records without a request, status by status."""
+        statuses = self.requests.keys() | self.records.keys()
+        return sum(abs(self.requests.get(s, 0) - self.records.get(s, 0)) for s in statuses)
+
+
+def by_status(counts: dict[int, int]) -> str:
+    return ", ".join(f"{status}: {n:,}" for status, n in sorted(counts.items())) or "none"
 
 
 def _progress(message: str) -> None:
@@ -201,41 +226,79 @@ def start_gateways(
     return setups
 
 
-def _metric_sum(text: str, name: str, *matches: str) -> float:
-    total = 0.0
+def _samples(text: str, name: str, *matches: str) -> list[tuple[str, float]]:
+    """``(label text, value)`` of each sample of ``name`` whose labels contain ``matches``."""
+    found = []
     for line in text.splitlines():
-        if line.startswith(name + "{") and all(m in line for m in matches):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+        if line.startswith((name + "{", name + " ")) and all(m in line for m in matches):
+            labels, _, value = line.rpartition(" ")
+            found.append((labels, float(value)))
+    return found
 
 
 def metric(setup: Setup, name: str, *matches: str) -> int:
     """The sum of the samples of ``name`` whose label text contains every one of ``matches``."""
     text = _procs.http("GET", setup.gateway.url + "/metrics").decode()
-    return round(_metric_sum(text, name, *matches))
+    return round(sum(value for _, value in _samples(text, name, *matches)))
 
 
-def stored_records(url: str) -> int:
+def stored_records(url: str) -> dict[int, int]:
+    """Usage records by the HTTP status they record."""
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.NullPool)
+    query = "SELECT status, count(*) FROM usage_records GROUP BY status"
     try:
         with engine.connect() as conn:
-            return int(conn.scalar(sqlalchemy.text("SELECT count(*) FROM usage_records")) or 0)
+            return {int(status): int(n) for status, n in conn.execute(sqlalchemy.text(query))}
     finally:
         engine.dispose()
 
 
+_STATUS = re.compile(r'status="(\d+)"')
+
+
 def accounting(setup: Setup, timeout_s: float = 15.0) -> Accounting:
-    """The gateway's chat requests and, once the writer caught up (or ``timeout_s`` passed),
-    the usage records in its database. Call it while the gateway is idle."""
-    requests = metric(setup, "headrace_requests_total", f'route="{CHAT_PATH}"')
-    if setup.usage_url is None:
-        return Accounting(requests, 0)
+    """The gateway's chat requests and its usage records, once no request is in flight and
+    the writer has nothing pending (or ``timeout_s`` passed). Call it between phases."""
     deadline = time.monotonic() + timeout_s
     while True:
-        records = stored_records(setup.usage_url)
-        if records >= requests or time.monotonic() > deadline:
-            return Accounting(requests, records)
+        text = _procs.http("GET", setup.gateway.url + "/metrics").decode()
+        busy = sum(v for _, v in _samples(text, "headrace_active_requests")) > 1  # this scrape
+        pending = sum(v for _, v in _samples(text, "headrace_usage_pending"))
+        if not (busy or pending) or time.monotonic() > deadline:
+            break
         time.sleep(0.2)
+    requests: dict[int, int] = {}
+    for labels, value in _samples(text, "headrace_requests_total", f'route="{CHAT_PATH}"'):
+        status = _STATUS.search(labels)
+        if status:
+            requests[int(status.group(1))] = requests.get(int(status.group(1)), 0) + round(value)
+    records = stored_records(setup.usage_url) if setup.usage_url else {}
+    return Accounting(requests, records)
+
+
+def log_events(gateway: Server) -> collections.Counter[str]:
+    """Warnings and errors in the gateway's log by event; an unhandled error by exception."""
+    events: collections.Counter[str] = collections.Counter()
+    for line in gateway.log.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("level") not in ("warning", "error", "critical"):
+                continue
+            name = str(event.get("event"))
+            exception = str(event.get("exception") or "").strip().rsplit("\n", 1)[-1]
+            if exception:
+                name += f" ({exception.split(':', 1)[0].rsplit('.', 1)[-1]})"
+            events[name] += 1
+    return events
+
+
+CLIENT_GONE = "unhandled_error (ClientDisconnect)"
+
+
+def describe_events(events: collections.Counter[str]) -> str:
+    return ", ".join(f"{name} x{n}" for name, n in events.most_common()) or "none"
 
 
 def redis_pid(url: str) -> int | None:
@@ -293,6 +356,7 @@ class Results:
     after: dict[str, Accounting]
     refusals: dict[str, int]
     spooled: dict[str, int]
+    events: dict[str, collections.Counter[str]]  # warnings and errors in each gateway's log
 
 
 def measure(
@@ -336,6 +400,7 @@ def measure(
         after,
         refusals={s.label: metric(s, "headrace_quota_refusals_total") for s in setups},
         spooled={s.label: metric(s, "headrace_usage_records", 'outcome="spooled"') for s in setups},
+        events={s.label: log_events(s.gateway) for s in setups},
     )
 
 
@@ -420,6 +485,10 @@ def tenancy_table(plan: Plan, results: Results, goals: list[Goal]) -> Table:
         f"{sat['direct'].requests}/{sat['direct'].errors}",
     )
     row("quota refusals (429/402)", {c: str(results.refusals[c]) for c in CONFIGS[1:]})
+    for c in CONFIGS:
+        table.notes.append(
+            f"{c} gateway log, warnings and errors: {describe_events(results.events[c])}"
+        )
     for c in CONFIGS[1:]:
         goals.append(
             Goal(
@@ -462,34 +531,45 @@ def tenancy_table(plan: Plan, results: Results, goals: list[Goal]) -> Table:
 
 
 def records_table(results: Results, goals: list[Goal]) -> Table:
-    """One usage record per request: after saturation, and for the fixed-rate phase."""
-    table = Table(
-        "Usage records - one per request",
-        ["figure", *CONFIGS[1:]],
-    )
+    """One usage record per request: for the fixed-rate phase (counted at the client) and for
+    the whole run (counted by the gateway, status by status)."""
     labels = CONFIGS[1:]
+    table = Table("Usage records - one per request", ["figure", *labels])
     before, after, fixed = results.before, results.after, results.fixed
+    stored = {c: after[c].total_records - before[c].total_records for c in labels}
     table.add(
         "fixed rate: requests sent (warm-up included)", *(f"{fixed[c].sent:,}" for c in labels)
     )
-    table.add(
-        "fixed rate: records stored", *(f"{after[c].records - before[c].records:,}" for c in labels)
-    )
-    table.add(
-        "whole run: chat requests (gateway's count)", *(f"{after[c].requests:,}" for c in labels)
-    )
-    table.add("whole run: records stored", *(f"{after[c].records:,}" for c in labels))
+    table.add("fixed rate: records stored", *(f"{stored[c]:,}" for c in labels))
+    table.add("whole run: chat requests by status", *(by_status(after[c].requests) for c in labels))
+    table.add("whole run: records by status", *(by_status(after[c].records) for c in labels))
     table.add("records spooled (database unavailable)", *(str(results.spooled[c]) for c in labels))
     for c in labels:
-        missing = abs(after[c].records - after[c].requests) + abs(
-            after[c].records - before[c].records - fixed[c].sent
+        goals.append(
+            Goal(
+                f"{c}: records unmatched, fixed rate",
+                abs(stored[c] - fixed[c].sent),
+                0,
+                "records",
+                digits=0,
+            )
         )
-        goals.append(Goal(f"{c}: usage records missing or extra", missing, 0, "records", digits=0))
+        goals.append(
+            Goal(f"{c}: records unmatched, whole run", after[c].unmatched, 0, "records", digits=0)
+        )
     table.notes.append(
-        "the fixed-rate phase's requests are counted at the client (every request sent, answered "
-        "or not); the whole run's by the gateway (headrace_requests_total for the chat route), "
-        "since wrk does not report requests cut off at the end of its run"
+        "fixed rate: every request the load generators sent, answered or not; whole run: the "
+        "gateway's headrace_requests_total for the chat route (wrk does not count the requests "
+        "it cuts off when it stops), compared status by status"
     )
+    for c in labels:
+        gone = results.events[c][CLIENT_GONE]
+        if gone:
+            table.notes.append(
+                f"{c}: {gone} requests failed with starlette's ClientDisconnect (the "
+                "client left before the body was read: wrk stopping), logged as unhandled errors "
+                "and counted as 500s; they never reached the service, which writes the records"
+            )
     table.notes.append("baseline: recording off")
     return table
 
@@ -653,8 +733,19 @@ def main() -> None:
         help="run the servers (and the usage writer) from src/ as of this commit (e.g. HEAD) "
         "instead of the working tree",
     )
+    parser.add_argument(
+        "--quiet-budget-s",
+        type=float,
+        help="at most this long spent waiting out other processes' CPU bursts (default: 60, "
+        "5 with --quick); the time limit grows by the difference",
+    )
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
+    if args.quiet_budget_s is not None:
+        extra = max(0, round(args.quiet_budget_s - plan.quiet_budget_s))
+        plan = dataclasses.replace(
+            plan, quiet_budget_s=args.quiet_budget_s, time_limit_s=plan.time_limit_s + extra
+        )
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGALRM, _out_of_time)
