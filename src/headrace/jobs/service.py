@@ -197,9 +197,7 @@ class JobService:
         )
         worker = f"inline-{uuid.uuid4().hex[:12]}"
         try:
-            job, created = await self._queue.submit(
-                job, claim, lease=Lease(worker, INLINE_LEASE_S)
-            )
+            job, created = await self._queue.submit(job, claim, lease=Lease(worker, INLINE_LEASE_S))
         except IdempotencyConflictError as exc:
             raise ConflictError(
                 f"The Idempotency-Key {idempotency_key!r} was used for a different request "
