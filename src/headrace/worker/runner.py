@@ -195,7 +195,12 @@ class JobRunner:
             error = {"message": f"Internal error: {exc!r}", "type": "api_error", "code": None}
             await self._fail(job, 500, error, {})
             return
-        if await self._complete(Completion(job.id, result, cost)) is not None:
+        try:
+            finished = await self._complete(Completion(job.id, result, cost))
+        except Exception as exc:  # the database stayed away: the lease lapses, the job reruns
+            log.error("job_result_not_saved", job=job.id, error=repr(exc))
+            return
+        if finished is not None:
             self.completed += 1
 
     async def _complete(self, completion: Completion) -> Job | None:
@@ -223,13 +228,23 @@ class JobRunner:
     async def _write_completions(
         self, batch: list[tuple[Completion, asyncio.Future[Job | None]]]
     ) -> None:
-        try:
-            jobs = await self._queue.complete_many(self.worker_id, [c for c, _ in batch])
-        except Exception as exc:
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
-            return
+        # A result is never dropped for a database blip: retry the write while the job is
+        # still ours (its task waits here, so the heartbeat keeps renewing its lease).
+        delay = 0.1
+        deadline = time.monotonic() + 10 * self._lease_s
+        while True:
+            try:
+                jobs = await self._queue.complete_many(self.worker_id, [c for c, _ in batch])
+                break
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    return
+                log.warning("jobs_complete_retry", error=repr(exc), jobs=len(batch))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._heartbeat_s)
         for (_, done), job in zip(batch, jobs, strict=True):
             if not done.done():
                 done.set_result(job)
