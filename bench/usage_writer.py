@@ -46,7 +46,7 @@ from headrace.domain import UsageRecord
 from headrace.store.engine import async_url
 from headrace.store.sql import SqlStore
 
-DEFAULT_BATCH = 2000  # UsageConfig.batch_size
+DEFAULT_BATCH = 500  # UsageConfig.batch_size
 GOAL_RECORDS_PER_S = 10_000
 MODELS = ("gpt-4o-mini", "gpt-4o", "claude-3-5-haiku", "local-smollm2")
 

@@ -80,7 +80,8 @@ def _comma_list(value: object) -> object:
     return value
 
 
-Rate = Annotated[StrictInt, Field(ge=1, le=2**53)]
+# The store keeps limits in 32-bit INTEGER columns: a larger one is a 400, not a 500.
+Rate = Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
 Dollars = Annotated[Decimal, Field(ge=0, le=1_000_000_000, decimal_places=6)]
 Ratio = Annotated[float, Field(gt=0, le=1)]
 UnixSeconds = Annotated[float, BeforeValidator(_unix_seconds), Field(ge=0, allow_inf_nan=False)]
