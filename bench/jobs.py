@@ -1,8 +1,8 @@
 """Durable jobs benchmark: throughput, queue wait, jobs in flight and a kill -9 count.
 
-    .venv/bin/python bench/jobs.py              # full run, about 12 minutes
-    .venv/bin/python bench/jobs.py --quick      # about 3 minutes, smaller counts
-    .venv/bin/python bench/jobs.py --commit HEAD
+    .venv/bin/python bench/jobs.py              # full run, 12-18 minutes
+    .venv/bin/python bench/jobs.py --quick      # 2-3 minutes, smaller counts
+    .venv/bin/python bench/jobs.py --commit HEAD --logs /tmp/jobs-logs
 
 Starts ``headrace mock-upstream`` and, per backend, ``headrace serve``: embedded (SQLite, the
 in-process runner) and PostgreSQL (``headrace migrate``, then ``serve`` with
@@ -14,6 +14,10 @@ bench/README.md explains each figure.
 
 PostgreSQL: ``--database-url`` or ``HEADRACE_TEST_DATABASE_URL`` (default: the local test
 server); the run creates a database ``hr_bench_<hex>`` and drops it at the end.
+
+One file past STYLE.md's 800 lines, on purpose for now: it was written under a one-file
+constraint. The seams to split along are marked: the submitter (``_jobs_submit.py``), the
+database and CPU readings (``_jobs_db.py``), and the five sections.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ the model is configured with one attempt and no cache, so each claim calls the u
 most once. Hence: upstream calls <= claims = jobs + recovered attempts, and the recovered
 attempts must be exactly those the killed process held (read from the database while it is
 dead).
+
+Two more PostgreSQL tests hold the other side of that bound: live workers under load never
+lose a lease (no kill, so no attempt is taken back), and a database blip shorter than the
+lease does not make a job that already has its answer run again.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import sqlalchemy
 
 from tests.conftest import fresh_database
 from tests.e2e.conftest import ADMIN_KEY, Server, free_port, start
+from tests.fakes.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -48,7 +53,8 @@ FINAL = frozenset({"succeeded", "failed", "cancelled", "dead"})
 CONFIG = """\
 log: {{format: json, access_log: false}}
 {database}
-jobs: {{run_in_process: {in_process}, concurrency: {concurrency}, lease_s: 2, heartbeat_s: 0.5}}
+jobs: {{run_in_process: {in_process}, concurrency: {concurrency}, lease_s: {lease_s}, \
+heartbeat_s: 0.5}}
 models:
   - name: mock-model
     cache: {{enabled: false}}
@@ -59,6 +65,40 @@ models:
         model: mock-model
         base_url: {mock}/v1
 """
+
+
+def write_config(
+    path: Path,
+    mock: Server,
+    *,
+    concurrency: int,
+    database: str | None = None,
+    lease_s: float = 2,
+) -> Path:
+    """SQLite in the data directory and the in-process runner, or ``database`` (PostgreSQL,
+    migrated beforehand) with ``headrace worker`` processes running the jobs."""
+    lines = ""
+    if database is not None:
+        lines = f'database_url: "{database}"\nstore: {{migrate_on_start: false}}'
+    path.write_text(
+        CONFIG.format(
+            database=lines,
+            in_process=str(database is None).lower(),
+            concurrency=concurrency,
+            lease_s=lease_s,
+            mock=mock.url,
+        )
+    )
+    return path
+
+
+def migrate(database: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "headrace", "migrate"],
+        env={**os.environ, "HEADRACE_DATABASE_URL": database},
+        check=True,
+        capture_output=True,
+    )
 
 
 def chat(n: int) -> dict[str, Any]:
@@ -169,6 +209,14 @@ async def wait_for_calls(client: httpx.AsyncClient, mock: Server, calls: int) ->
         await asyncio.sleep(0.05)
 
 
+async def wait_for_in_flight(client: httpx.AsyncClient, mock: Server, count: int) -> None:
+    """Until the mock holds exactly ``count`` requests."""
+    deadline = time.monotonic() + 30
+    while (await mock_stats(client, mock))["in_flight"] != count:
+        assert time.monotonic() < deadline, f"the mock never held {count} requests"
+        await asyncio.sleep(0.02)
+
+
 async def wait_all_final(client: httpx.AsyncClient, timeout_s: float = 40) -> None:
     """Until no job is queued or running (each test's database holds only its own jobs)."""
     deadline = time.monotonic() + timeout_s
@@ -255,8 +303,7 @@ def check(result: Outcome, ids: list[str], held: dict[str, str], calls: int) -> 
 async def test_embedded_server_killed_mid_run_finishes_every_job_once_after_restart(
     tmp_path: Path, mock: Server
 ) -> None:
-    config = tmp_path / "headrace.yaml"
-    config.write_text(CONFIG.format(database="", in_process="true", concurrency=10, mock=mock.url))
+    config = write_config(tmp_path / "headrace.yaml", mock, concurrency=10)
     first = await asyncio.to_thread(serve, tmp_path, config, "serve-1")
     try:
         async with httpx.AsyncClient(base_url=first.url, timeout=30) as client:
@@ -282,21 +329,8 @@ async def test_embedded_server_killed_mid_run_finishes_every_job_once_after_rest
 async def test_postgres_worker_killed_mid_run_the_other_finishes_every_job_once(
     tmp_path: Path, mock: Server, database: str
 ) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "headrace", "migrate"],
-        env={**os.environ, "HEADRACE_DATABASE_URL": database},
-        check=True,
-        capture_output=True,
-    )
-    config = tmp_path / "headrace.yaml"
-    config.write_text(
-        CONFIG.format(
-            database=f'database_url: "{database}"\nstore: {{migrate_on_start: false}}',
-            in_process="false",
-            concurrency=5,
-            mock=mock.url,
-        )
-    )
+    migrate(database)
+    config = write_config(tmp_path / "headrace.yaml", mock, concurrency=5, database=database)
     api = await asyncio.to_thread(serve, tmp_path, config, "serve")
     workers = await asyncio.gather(
         *(asyncio.to_thread(worker, tmp_path, config, f"worker-{n}", 5) for n in (1, 2))
@@ -336,8 +370,7 @@ async def test_postgres_worker_killed_mid_run_the_other_finishes_every_job_once(
 async def test_higher_priority_jobs_start_before_queued_lower_ones(
     tmp_path: Path, mock: Server
 ) -> None:
-    config = tmp_path / "headrace.yaml"
-    config.write_text(CONFIG.format(database="", in_process="true", concurrency=2, mock=mock.url))
+    config = write_config(tmp_path / "headrace.yaml", mock, concurrency=2)
     server = await asyncio.to_thread(serve, tmp_path, config, "serve")
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
@@ -362,28 +395,15 @@ async def test_postgres_workers_under_load_never_lose_a_live_lease(
     """No kill: two busy workers must keep every lease they hold, so each job is claimed once
     and calls the upstream once.
 
-    Fails at 85b284f: a worker's heartbeat (one UPDATE of all its running jobs) and its
+    Failed before 482f00c: a worker's heartbeat (one UPDATE of all its running jobs) and its
     batched completions (``complete_many``: one UPDATE per job, in completion order, in one
     transaction) lock the same rows in different orders and deadlock; PostgreSQL aborts one.
     An aborted batch strands its jobs ("Task exception was never retrieved"): they stay
     running, unheartbeated, until their lease expires and they run again.
     """
     jobs = 400
-    subprocess.run(
-        [sys.executable, "-m", "headrace", "migrate"],
-        env={**os.environ, "HEADRACE_DATABASE_URL": database},
-        check=True,
-        capture_output=True,
-    )
-    config = tmp_path / "headrace.yaml"
-    config.write_text(
-        CONFIG.format(
-            database=f'database_url: "{database}"\nstore: {{migrate_on_start: false}}',
-            in_process="false",
-            concurrency=100,
-            mock=mock.url,
-        )
-    )
+    migrate(database)
+    config = write_config(tmp_path / "headrace.yaml", mock, concurrency=100, database=database)
     api = await asyncio.to_thread(serve, tmp_path, config, "serve")
     workers = await asyncio.gather(
         *(asyncio.to_thread(worker, tmp_path, config, f"worker-{n}", 100) for n in (1, 2))
@@ -408,3 +428,55 @@ async def test_postgres_workers_under_load_never_lose_a_live_lease(
         "stranded job tasks": sum(1 for line in logs if "exception was never retrieved" in line),
     }
     assert not any(found.values()), f"a live worker lost leases: {found}"
+
+
+async def test_a_database_blip_at_completion_does_not_run_finished_jobs_again(
+    tmp_path: Path, mock: Server, database: str
+) -> None:
+    """The worker's database goes away while its jobs wait on the upstream and comes back a
+    moment after they have their answers, well inside their 10 s leases: each job must still
+    succeed with the answer it has, calling the upstream once.
+
+    Failed before 3b008a2 (20 of 20 jobs ran twice): the completion write raised in
+    ``JobRunner._run`` ("Task exception was never retrieved"), the job left the runner's
+    in-flight set while still ``running`` in the table, nobody renewed its lease, and when the
+    lease expired it ran again from scratch.
+    """
+    jobs = 20
+    httpx.put(f"{mock.url}/_mock/faults", json={"latency_ms": 1500}).raise_for_status()
+    migrate(database)
+    real = sqlalchemy.make_url(database)
+    proxy = TcpProxy(real.host or "127.0.0.1", real.port or 5432)
+    await proxy.start()
+    through_proxy = real.set(port=proxy.port).render_as_string(hide_password=False)
+    api_config = write_config(tmp_path / "api.yaml", mock, concurrency=jobs, database=database)
+    worker_config = write_config(
+        tmp_path / "worker.yaml", mock, concurrency=jobs, database=through_proxy, lease_s=10
+    )
+    api = await asyncio.to_thread(serve, tmp_path, api_config, "serve")
+    runner = await asyncio.to_thread(worker, tmp_path, worker_config, "worker", jobs)
+    try:
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+            ids = await submit_all(client, jobs)
+            await wait_for_in_flight(client, mock, jobs)  # every job is waiting on the upstream
+            await proxy.cut()
+            await wait_for_in_flight(client, mock, 0)  # every answer is in: completions fail
+            await asyncio.sleep(0.5)
+            proxy.restore()
+            await wait_all_final(client)
+            result = await outcome(client, ids)
+            calls = await upstream_calls(client, mock)
+    finally:
+        runner.stop()
+        api.stop()
+        await proxy.aclose()
+    logs = runner.output().splitlines()
+    found = {
+        "jobs not succeeded": Counter(
+            v["status"] for v in result.views.values() if v["status"] != "succeeded"
+        ),
+        "jobs run again": sum(1 for v in result.views.values() if v["attempts"] > 1),
+        "upstream calls beyond one per job": calls - jobs,
+        "stranded job tasks": sum(1 for line in logs if "exception was never retrieved" in line),
+    }
+    assert not any(found.values()), f"a database blip made finished jobs run again: {found}"
