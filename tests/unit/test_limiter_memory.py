@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import pytest
@@ -146,3 +147,47 @@ async def test_a_sweep_forgets_drained_and_expired_counters(
     assert tables[CONCURRENCY]._held == {}  # type: ignore[attr-defined]
     assert tables[BUDGET]._counters == {}  # type: ignore[attr-defined]
     assert limiter._flags == {}
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_leases_agree_with_a_plain_table_of_expiries(seed: int) -> None:
+    # The leases live in heaps by expiry; a plain lease -> expiry table, scanned on every
+    # step, is the specification: admission, remaining, reset, retry-after and release.
+    rnd = random.Random(seed)
+    clock = Clock()
+    limiter = MemoryLimiter(clock=clock)
+    limit = rnd.randint(1, 8)
+    table: dict[str, float] = {}
+    for _ in range(300):
+        clock.now += rnd.random() * 3
+        table = {lease: at for lease, at in table.items() if at > clock.now}
+        lease, window = f"l{rnd.randint(0, 15)}", rnd.choice([5.0, 10.0, 20.0])
+        if rnd.random() < 0.6:
+            decision = await limiter.acquire([Demand("p", CONCURRENCY, limit, 1, window)], lease)
+            assert decision.allowed == (len(table) < limit)
+            if decision.allowed:
+                table[lease] = clock.now + window
+            else:
+                assert decision.retry_after_s == pytest.approx(min(table.values()) - clock.now)
+            state = decision.states[0]
+            assert state.remaining == max(0, limit - len(table))
+            assert state.reset_s == pytest.approx(max(table.values()) - clock.now)
+        else:
+            settled = await limiter.settle([Settlement("p", CONCURRENCY, 0, window, limit)], lease)
+            table.pop(lease, None)
+            assert settled == (len(table),)
+
+
+async def test_released_leases_do_not_pile_up(clock: Clock, limiter: MemoryLimiter) -> None:
+    demand = Demand("p", CONCURRENCY, 100, 1, 900.0)
+    await limiter.acquire([demand], "long")  # one lease held throughout
+    for n in range(1000):
+        clock.now += 0.01
+        await limiter.acquire([demand], f"r{n}")
+        await limiter.acquire([demand], "again")  # the same lease, taken again
+        await limiter.settle([Settlement.of(demand)], f"r{n}")
+    # Private state, looked at on purpose: released leases' heap entries are dropped.
+    held = limiter._counters[CONCURRENCY]._held["p"]  # type: ignore[attr-defined]
+    assert len(held.expiry) == 2
+    assert len(held.first) <= 20
+    assert len(held.last) <= 20

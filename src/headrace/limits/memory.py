@@ -8,17 +8,21 @@ The algorithm is :mod:`headrace.limits.redis`'s, on the injected ``clock`` (seco
   charges a positive delta. A counter with ``limit <= 0`` holds nothing; a settlement without
   the demand's ``limit`` cannot drain, so it leaves the counter alone (value 0).
 * ``CONCURRENCY`` — lease id → expiry; a lease takes one slot per counter, expired leases are
-  gone. A refusal's ``retry_after_s`` is when the oldest lease expires.
+  gone. A refusal's ``retry_after_s`` is when the oldest lease expires. Leases are also kept
+  in a heap by expiry, so that expiring them costs O(log n), not a scan of every lease held.
 * ``BUDGET`` — a value that starts at ``seed`` and expires ``window_s`` after creation. A
   refusal's ``retry_after_s`` is that expiry. Settling a missing counter is skipped (value 0).
 
 A call names each counter at most once. Nothing here awaits, so :meth:`MemoryLimiter.acquire`
-is atomic within the event loop. Drained, expired and empty entries are swept once per minute
+is atomic within the event loop. An admission only asks each counter whether the demand fits;
+how long a refused demand would wait, and the states as they stood, are worked out for
+refusals alone. Drained, expired and empty entries are swept once per minute
 of clock time.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +47,7 @@ class _Look:
 
 
 class _Counters(Protocol):
+    def fits(self, demand: Demand, now: float) -> bool: ...
     def look(self, demand: Demand, now: float) -> _Look: ...
     def take(self, demand: Demand, lease: str, now: float) -> CounterState: ...
     def settle(self, settlement: Settlement, lease: str, now: float) -> int: ...
@@ -60,6 +65,10 @@ class _Rates:
     def __init__(self) -> None:
         self._buckets: dict[str, _Bucket] = {}
 
+    def fits(self, demand: Demand, now: float) -> bool:
+        level = self._level(demand.key, demand.limit, demand.window_s, now)
+        return level + demand.amount - demand.limit <= EPSILON
+
     def look(self, demand: Demand, now: float) -> _Look:
         level = self._level(demand.key, demand.limit, demand.window_s, now)
         over = level + demand.amount - demand.limit
@@ -67,9 +76,10 @@ class _Rates:
         return _Look(over <= EPSILON, _drain_s(over, demand.limit, demand.window_s), state)
 
     def take(self, demand: Demand, lease: str, now: float) -> CounterState:
-        level = self._level(demand.key, demand.limit, demand.window_s, now) + demand.amount
-        self._store(demand.key, level, demand.limit, demand.window_s, now)
-        return _rate_state(demand.key, demand.limit, demand.window_s, level)
+        key, limit = demand.key, demand.limit
+        level = self._level(key, limit, demand.window_s, now) + demand.amount
+        reset = self._store(key, level, limit, demand.window_s, now)
+        return CounterState(key, limit, max(0, math.floor(limit - level + EPSILON)), reset)
 
     def settle(self, settlement: Settlement, lease: str, now: float) -> int:
         s = settlement
@@ -90,49 +100,126 @@ class _Rates:
         elapsed = max(0.0, now - bucket.at)
         return max(0.0, bucket.level - elapsed * limit / _window(window_s))
 
-    def _store(self, key: str, level: float, limit: int, window_s: float, now: float) -> None:
+    def _store(self, key: str, level: float, limit: int, window_s: float, now: float) -> float:
+        """Write ``level`` as of ``now``; return the seconds it takes to drain (0: empty)."""
         if level <= 0 or limit <= 0:
             self._buckets.pop(key, None)
+            return 0.0
+        drain = level * _window(window_s) / limit
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = _Bucket(level, now, now + drain)
         else:
-            self._buckets[key] = _Bucket(level, now, now + _drain_s(level, limit, window_s))
+            bucket.level, bucket.at, bucket.empty_at = level, now, now + drain
+        return drain
+
+
+@dataclass(slots=True)
+class _Held:
+    """One CONCURRENCY counter's live leases.
+
+    Two heaps over ``expiry``: ``first`` by expiry (the next to expire), ``last`` by expiry
+    negated (the last to expire, for the counter's reset time). Both keep entries of leases
+    released or taken again since; an entry counts only while ``expiry`` still agrees with it.
+    """
+
+    expiry: dict[str, float]  # lease -> when it expires
+    first: list[tuple[float, str]]
+    last: list[tuple[float, str]]
+
+    def add(self, lease: str, expires: float) -> None:
+        self.expiry[lease] = expires
+        heapq.heappush(self.first, (expires, lease))
+        heapq.heappush(self.last, (-expires, lease))
+        self._compact()
+
+    def remove(self, lease: str) -> None:
+        self.expiry.pop(lease, None)
+        self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the heaps once they are mostly stale entries (amortised O(1) per lease)."""
+        expiry = self.expiry
+        if len(self.first) > 2 * len(expiry) + 16 or len(self.last) > 2 * len(expiry) + 16:
+            self.first = [(at, name) for name, at in expiry.items()]
+            self.last = [(-at, name) for name, at in expiry.items()]
+            heapq.heapify(self.first)
+            heapq.heapify(self.last)
+
+    def expire(self, now: float) -> None:
+        first, expiry = self.first, self.expiry
+        while first and first[0][0] <= now:
+            at, lease = heapq.heappop(first)
+            if expiry.get(lease) == at:
+                del expiry[lease]
+
+    def earliest(self) -> float:
+        """The next expiry; only while a lease is held."""
+        first, expiry = self.first, self.expiry
+        while expiry.get(first[0][1]) != first[0][0]:
+            heapq.heappop(first)
+        return first[0][0]
+
+    def latest(self) -> float:
+        """The last expiry; only while a lease is held."""
+        last, expiry = self.last, self.expiry
+        while expiry.get(last[0][1]) != -last[0][0]:
+            heapq.heappop(last)
+        return -last[0][0]
 
 
 class _Leases:
     def __init__(self) -> None:
-        self._held: dict[str, dict[str, float]] = {}  # counter -> lease -> expiry
+        self._held: dict[str, _Held] = {}  # counter -> its leases
+
+    def fits(self, demand: Demand, now: float) -> bool:
+        held = self._live(demand.key, now)
+        return (len(held.expiry) if held else 0) < demand.limit
 
     def look(self, demand: Demand, now: float) -> _Look:
         held = self._live(demand.key, now)
-        wait = min(held.values()) - now if held else math.inf
-        return _Look(len(held) < demand.limit, wait, self._state(demand, held, now))
+        if held is None:
+            return _Look(demand.limit > 0, math.inf, self._state(demand, None, now))
+        state = self._state(demand, held, now)
+        return _Look(len(held.expiry) < demand.limit, held.earliest() - now, state)
 
     def take(self, demand: Demand, lease: str, now: float) -> CounterState:
-        held = self._held.setdefault(demand.key, {})
-        held[lease] = now + demand.window_s
+        held = self._live(demand.key, now)
+        if held is None:
+            held = self._held[demand.key] = _Held({}, [], [])
+        held.add(lease, now + demand.window_s)
         return self._state(demand, held, now)
 
     def settle(self, settlement: Settlement, lease: str, now: float) -> int:
         held = self._live(settlement.key, now)
-        held.pop(lease, None)
-        if not held:
-            self._held.pop(settlement.key, None)
-        return len(held)
+        if held is None:
+            return 0
+        held.remove(lease)
+        if not held.expiry:
+            del self._held[settlement.key]
+        return len(held.expiry)
 
     def sweep(self, now: float) -> None:
         for key in list(self._held):
-            if not self._live(key, now):
-                del self._held[key]
+            self._live(key, now)
 
-    def _live(self, key: str, now: float) -> dict[str, float]:
-        held = self._held.get(key, {})
-        for lease in [lease for lease, expiry in held.items() if expiry <= now]:
-            del held[lease]
+    def _live(self, key: str, now: float) -> _Held | None:
+        """The counter's leases after dropping the expired ones; None when none is left."""
+        held = self._held.get(key)
+        if held is None:
+            return None
+        held.expire(now)
+        if not held.expiry:
+            del self._held[key]
+            return None
         return held
 
     @staticmethod
-    def _state(demand: Demand, held: dict[str, float], now: float) -> CounterState:
-        reset = max(held.values()) - now if held else 0.0
-        return CounterState(demand.key, demand.limit, max(0, demand.limit - len(held)), reset)
+    def _state(demand: Demand, held: _Held | None, now: float) -> CounterState:
+        if held is None:
+            return CounterState(demand.key, demand.limit, max(0, demand.limit), 0.0)
+        remaining = max(0, demand.limit - len(held.expiry))
+        return CounterState(demand.key, demand.limit, remaining, held.latest() - now)
 
 
 @dataclass(slots=True)
@@ -144,6 +231,11 @@ class _Counter:
 class _Budgets:
     def __init__(self) -> None:
         self._counters: dict[str, _Counter] = {}
+
+    def fits(self, demand: Demand, now: float) -> bool:
+        counter = self._live(demand.key, now)
+        value = demand.seed if counter is None else counter.value
+        return value + demand.amount <= demand.limit
 
     def look(self, demand: Demand, now: float) -> _Look:
         counter = self._live(demand.key, now)
@@ -200,13 +292,18 @@ class MemoryLimiter:
 
     async def acquire(self, demands: Sequence[Demand], lease: str) -> Decision:
         now = self._now()
+        counters = self._counters
+        for index, demand in enumerate(demands):
+            if demand.amount > demand.limit or not counters[demand.kind].fits(demand, now):
+                return self._refusal(demands, index, now)
+        return Decision(True, tuple(counters[d.kind].take(d, lease, now) for d in demands))
+
+    def _refusal(self, demands: Sequence[Demand], index: int, now: float) -> Decision:
+        """Demand ``index`` is the first that does not fit: every state as it stands."""
         looks = [self._counters[d.kind].look(d, now) for d in demands]
-        for index, (demand, look) in enumerate(zip(demands, looks, strict=True)):
-            if demand.amount > demand.limit or not look.fits:
-                wait = math.inf if demand.amount > demand.limit else look.wait_s
-                return Decision(False, tuple(look.state for look in looks), index, wait)
-        states = tuple(self._counters[d.kind].take(d, lease, now) for d in demands)
-        return Decision(True, states)
+        demand = demands[index]
+        wait = math.inf if demand.amount > demand.limit else looks[index].wait_s
+        return Decision(False, tuple(look.state for look in looks), index, wait)
 
     async def settle(self, settlements: Sequence[Settlement], lease: str) -> tuple[int, ...]:
         now = self._now()
