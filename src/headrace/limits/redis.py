@@ -14,12 +14,14 @@ then writes all of them or none. Under the prefix ``p`` (default ``hr:lim:``):
   the TTL. Settling a missing counter is skipped (value 0), so an ended period stays ended.
 - ``{p}f:{flag}`` — :meth:`RedisLimiter.first_time`'s flags, ``SET NX PX``.
 
-Demands travel as ``KEYS`` (one counter each) and ``ARGV`` (the lease, then five fields per
-demand: kind letter, limit, amount, window in µs, seed). Replies are integers only, times in
-µs (``-1``: never), since Redis truncates Lua numbers to integers. The semantics are those of
-:mod:`headrace.limits.memory`, which the contract suite checks side by side. The scripts touch
-only their ``KEYS``, but one call's keys belong to different counters (a key's and its team's),
-so they need one Redis (or Valkey) primary, not Cluster.
+Demands travel as ``KEYS`` (one counter each) and two ``ARGV``: the lease, and every
+demand's fields in one space-separated string (kind letter, limit, amount, window in µs, seed;
+five per demand), which the script splits. One argument instead of five per demand: redis-py
+encodes each argument on its own, and that was most of the client's cost of a call. Replies
+are integers only, times in µs (``-1``: never), since Redis truncates Lua numbers to integers.
+The semantics are those of :mod:`headrace.limits.memory`, which the contract suite checks side
+by side. The scripts touch only their ``KEYS``, but one call's keys belong to different
+counters (a key's and its team's), so they need one Redis (or Valkey) primary, not Cluster.
 
 Failures: every Redis error, including a connect or read timeout after ``timeout_s`` and no
 pooled connection free within it, raises :class:`LimiterUnavailableError` (the
@@ -30,8 +32,7 @@ lazily, so a Redis that is down does not stop the gateway from starting.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -48,6 +49,7 @@ from headrace.limits.base import (
 )
 
 _KIND = {LimitKind.RATE: "r", LimitKind.CONCURRENCY: "c", LimitKind.BUDGET: "b"}
+_FAILURES = (redis_errors.RedisError, OSError)  # all become LimiterUnavailableError
 _US = 1_000_000
 
 _LUA_COMMON = """
@@ -97,6 +99,13 @@ local function lease_state(key, d)
   return math.max(0, d.limit - held), last and tonumber(last) - now or 0
 end
 
+-- The space-separated fields of a packed argument, in order.
+local function fields(packed)
+  local out = {}
+  for field in string.gmatch(packed, '%S+') do out[#out + 1] = field end
+  return out
+end
+
 -- BUDGET: the value and µs to expiry (-1: none); a missing counter is its seed, fresh.
 local function budget(key, d)
   local value = redis.call('GET', key)
@@ -106,9 +115,10 @@ local function budget(key, d)
 end
 """
 
-# KEYS[i]: demand i's counter. ARGV[1]: the lease, then 5 fields per demand: kind ('r', 'c',
-# 'b'), limit, amount, window (µs), seed. Returns {allowed (1/0), refused (1-based, 0: none),
-# retry (µs, -1: never)} followed by remaining and reset (µs) for each demand, in order.
+# KEYS[i]: demand i's counter. ARGV[1]: the lease; ARGV[2]: 5 fields per demand, space-separated:
+# kind ('r', 'c', 'b'), limit, amount, window (µs), seed. Returns {allowed (1/0), refused
+# (1-based, 0: none), retry (µs, -1: never)} followed by remaining and reset (µs) for each
+# demand, in order.
 _LUA_ACQUIRE = """
 -- look(key, d) -> fits, wait (µs until it would fit, -1: never), remaining, reset (µs).
 -- take(key, d) -> remaining, reset: the counter after taking the demand.
@@ -152,12 +162,13 @@ local kinds = {
   },
 }
 
+local f = fields(ARGV[2])
 local demands = {}
 for i = 1, #KEYS do
-  local f = 1 + (i - 1) * 5
+  local b = (i - 1) * 5
   demands[i] = {
-    kind = ARGV[f + 1], limit = tonumber(ARGV[f + 2]), amount = tonumber(ARGV[f + 3]),
-    window = tonumber(ARGV[f + 4]), seed = tonumber(ARGV[f + 5]),
+    kind = f[b + 1], limit = tonumber(f[b + 2]), amount = tonumber(f[b + 3]),
+    window = tonumber(f[b + 4]), seed = tonumber(f[b + 5]),
   }
 end
 
@@ -178,8 +189,8 @@ end
 return out
 """
 
-# KEYS[i]: settlement i's counter. ARGV[1]: the lease, then 4 fields per settlement: kind,
-# delta, limit, window (µs). Returns each counter's value afterwards.
+# KEYS[i]: settlement i's counter. ARGV[1]: the lease; ARGV[2]: 4 fields per settlement,
+# space-separated: kind, delta, limit, window (µs). Returns each counter's value afterwards.
 _LUA_SETTLE = """
 local settle = {
   r = function(key, s)  -- drain, then add delta; a missing counter is an empty one
@@ -204,12 +215,12 @@ local settle = {
   end,
 }
 
+local f = fields(ARGV[2])
 local out = {}
 for i = 1, #KEYS do
-  local f = 1 + (i - 1) * 4
-  local s = {delta = tonumber(ARGV[f + 2]), limit = tonumber(ARGV[f + 3]),
-             window = tonumber(ARGV[f + 4])}
-  out[i] = settle[ARGV[f + 1]](KEYS[i], s)
+  local b = (i - 1) * 4
+  local s = {delta = tonumber(f[b + 2]), limit = tonumber(f[b + 3]), window = tonumber(f[b + 4])}
+  out[i] = settle[f[b + 1]](KEYS[i], s)
 end
 return out
 """
@@ -252,12 +263,18 @@ class RedisLimiter:
     async def acquire(self, demands: Sequence[Demand], lease: str) -> Decision:
         if not demands:
             return Decision(True, ())
-        keys = [self._name(d.kind, d.key) for d in demands]
-        args: list[str | int] = [lease]
-        for d in demands:
-            args += [_KIND[d.kind], d.limit, d.amount, _micros(d.window_s), d.seed]
-        async with self._reaching():
-            reply = [int(x) for x in await self._acquire(keys=keys, args=args)]
+        prefix = self._prefix
+        keys = [f"{prefix}{_KIND[d.kind]}:{d.key}" for d in demands]
+        packed = " ".join(
+            [
+                f"{_KIND[d.kind]} {d.limit} {d.amount} {_micros(d.window_s)} {d.seed}"
+                for d in demands
+            ]
+        )
+        try:
+            reply = [int(x) for x in await self._acquire(keys=keys, args=[lease, packed])]
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from exc
         states = tuple(
             CounterState(d.key, d.limit, reply[3 + 2 * i], reply[4 + 2 * i] / _US)
             for i, d in enumerate(demands)
@@ -271,43 +288,42 @@ class RedisLimiter:
     async def settle(self, settlements: Sequence[Settlement], lease: str) -> tuple[int, ...]:
         if not settlements:
             return ()
-        keys = [self._name(s.kind, s.key) for s in settlements]
-        args: list[str | int] = [lease]
-        for s in settlements:
-            args += [_KIND[s.kind], s.delta, s.limit, _micros(s.window_s)]
-        async with self._reaching():
-            reply = await self._settle(keys=keys, args=args)
+        prefix = self._prefix
+        keys = [f"{prefix}{_KIND[s.kind]}:{s.key}" for s in settlements]
+        packed = " ".join(
+            [f"{_KIND[s.kind]} {s.delta} {s.limit} {_micros(s.window_s)}" for s in settlements]
+        )
+        try:
+            reply = await self._settle(keys=keys, args=[lease, packed])
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from exc
         return tuple(int(x) for x in reply)
 
     async def first_time(self, flag: str, ttl_s: float) -> bool:
         ttl_ms = max(1, math.ceil(ttl_s * 1000))
-        async with self._reaching():
+        try:
             won = await self._client.set(f"{self._prefix}f:{flag}", b"1", nx=True, px=ttl_ms)
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from exc
         return bool(won)
 
     async def check(self) -> None:
         """``PING``; raise :class:`LimiterUnavailableError` if Redis does not answer."""
-        async with self._reaching():
+        try:
             await self._client.ping()
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from exc
 
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
 
-    def _name(self, kind: LimitKind, key: str) -> str:
-        return f"{self._prefix}{_KIND[kind]}:{key}"
-
-    @asynccontextmanager
-    async def _reaching(self) -> AsyncIterator[None]:
-        """Turn every Redis failure into :class:`LimiterUnavailableError`."""
-        try:
-            yield
-        except (redis_errors.RedisError, OSError) as exc:
-            msg = (
-                f"the limiter's Redis at {self._where} failed ({type(exc).__name__}: {exc}); "
-                "is it up, and limits.redis_url right?"
-            )
-            raise LimiterUnavailableError(msg) from exc
+    def _unavailable(self, exc: BaseException) -> LimiterUnavailableError:
+        """What every Redis failure becomes (raise it ``from`` the failure)."""
+        return LimiterUnavailableError(
+            f"the limiter's Redis at {self._where} failed ({type(exc).__name__}: {exc}); "
+            "is it up, and limits.redis_url right?"
+        )
 
 
 def _micros(seconds: float) -> int:
