@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from headrace.domain import NO_QUOTA, BudgetPeriod, Call, Principal, Quota, Role, UsageRecord
 from headrace.errors import BudgetExceededError, RateLimitExceededError
 from headrace.gateway.quota import BudgetAlert, Estimate, QuotaGuard
+from headrace.limits.base import Settlement
 from headrace.limits.memory import MemoryLimiter
 from headrace.store.memory import MemoryStore
 
@@ -171,3 +174,45 @@ async def test_soft_threshold_alerts_once_per_period_across_processes() -> None:
     for g in guards:
         await g.aclose()
     assert [(a.scope, a.id, a.spent_micro_usd) for a in alerts] == [("key", "k1", 500)]
+
+
+class SlowSettling(MemoryLimiter):
+    """A limiter whose settlements wait for ``release``, and that records what they carry."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock=clock)
+        self.release = asyncio.Event()
+        self.settled: list[tuple[str, int]] = []
+
+    async def settle(self, settlements: Sequence[Settlement], lease: str) -> tuple[int, ...]:
+        await self.release.wait()
+        self.settled += [(s.key, s.delta) for s in settlements]
+        return await super().settle(settlements, lease)
+
+
+async def test_settle_later_runs_in_a_task_that_aclose_waits_for() -> None:
+    clock = Clock(NOV_27)
+    limiter = SlowSettling(clock)
+    g = QuotaGuard(limiter, None, clock=clock)
+    p = principal(Quota(rpm=100, tpm=1000, max_parallel=1), Quota(rpm=100))
+    held = await g.reserve(call(p, 0), Estimate(tokens=50, cost_micro_usd=0))
+    assert held is not None
+    g.settle_later(held, tokens=20, cost_micro_usd=0)
+    with pytest.raises(RateLimitExceededError, match="in flight"):
+        await g.reserve(call(p, 1), Estimate(tokens=50, cost_micro_usd=0))
+    closing = asyncio.create_task(g.aclose())
+    await asyncio.sleep(0.01)
+    assert not closing.done()  # the settlement is still waiting for the limiter
+    limiter.release.set()
+    await closing
+    # RPM counters are left out of the settlement: their delta is always 0.
+    assert limiter.settled == [("key:k1:tpm", -30), ("key:k1:parallel", 0)]
+    assert await g.reserve(call(p, 2), Estimate(tokens=50, cost_micro_usd=0)) is not None
+
+
+async def test_a_changed_quota_applies_to_the_next_request() -> None:
+    g = guard(Clock(NOV_27))
+    assert await g.reserve(call(principal(Quota(rpm=10)), 0), Estimate(0, 0)) is not None
+    lowered = principal(Quota(rpm=1))  # the same key, read again with a lower limit
+    with pytest.raises(RateLimitExceededError, match="limit of 1 requests per minute"):
+        await g.reserve(call(lowered, 1), Estimate(0, 0))

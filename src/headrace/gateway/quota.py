@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from headrace.domain import BudgetPeriod, Call, Principal, Quota
+from headrace.domain import Call, Principal
 from headrace.errors import BudgetExceededError, OverloadedError, RateLimitExceededError
 from headrace.limits.base import (
     CounterState,
@@ -77,7 +77,34 @@ class _Budget:
     period: str
     limit: int
     soft_ratio: float | None
-    ttl_s: float
+    end: float  # when the period ends (unix time; inf: never)
+
+    def ttl_s(self, now: float) -> float:
+        """How long a counter created ``now`` must live: a day past its period's end."""
+        return TOTAL_BUDGET_TTL_S if math.isinf(self.end) else self.end - now + _DAY_S
+
+
+# What a demand's amount is: one request (RPM, parallel), the estimated tokens, or the cost.
+_ONE, _TOKENS, _COST = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A principal's demands, built once and reused until its first budget period ends.
+
+    ``demands`` are templates: those whose amount is ``_ONE`` are used as they are, the
+    others are copied with the request's estimate. ``settled``: the demands a settlement
+    moves (TPM, parallel, budget; an RPM counter's delta is always 0).
+    """
+
+    principal: Principal
+    until: float  # unix time (inf: no budget period ends)
+    demands: tuple[Demand, ...]
+    amounts: tuple[int, ...]  # _ONE, _TOKENS or _COST, per demand
+    budgets: tuple[_Budget | None, ...]  # per demand: set for BUDGET demands
+    settled: tuple[int, ...]
+    policy: str  # the RateLimit-Policy header ("" without RATE counters)
+    rates: tuple[tuple[int, str], ...]  # (demand index, '"key-rpm";r=') for RateLimit
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +113,19 @@ class Reservation:
     demands: tuple[Demand, ...]
     estimate: Estimate
     budgets: tuple[_Budget | None, ...]  # parallel to demands: set for BUDGET demands
+    settled: tuple[int, ...]  # the demands a settlement moves (indexes)
+    amounts: tuple[int, ...]  # per demand: _ONE, _TOKENS or _COST
 
 
 class QuotaGuard:
+    """Reserves and settles quotas (see the module doc).
+
+    Each principal's demands (counter names, limits, budget period and seed, the
+    ``RateLimit-Policy`` header) are built on its first request and reused until its budget
+    period ends or its quota changes, so a request only fills in its estimate.
+    :meth:`settle_later` settles from a task; :meth:`aclose` waits for every one started.
+    """
+
     def __init__(
         self,
         limiter: Limiter,
@@ -106,6 +143,7 @@ class QuotaGuard:
         self._alert = alert
         self._clock = clock
         self._seeds: dict[str, int] = {}  # budget counter -> spend recorded before this process
+        self._plans: dict[str, _Plan] = {}  # key id -> its principal's demands
         self._alerted: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -135,15 +173,16 @@ class QuotaGuard:
         if principal is None or not self.applies(principal):
             return None
         now = self._clock()
-        demands: list[Demand] = []
-        budgets: list[_Budget | None] = []
-        scopes = [("key", principal.key_id, principal.quota)]
-        if principal.team_id is not None:
-            scopes.append(("team", principal.team_id, principal.team_quota))
-        for scope, owner, quota in scopes:
-            for demand, budget in await self._demands(scope, owner, quota, estimate, now):
-                demands.append(demand)
-                budgets.append(budget)
+        plan = self._plans.get(principal.key_id)
+        if (
+            plan is None
+            or now >= plan.until
+            or (plan.principal is not principal and plan.principal != principal)
+        ):
+            plan = await self._plan(principal, now)
+        demands = plan.demands
+        if any(plan.amounts):  # some amounts are this request's estimate
+            demands = tuple(self._fill(plan, estimate, now))
         lease = call.request_id
         try:
             decision = await self._limiter.acquire(demands, lease)
@@ -154,87 +193,141 @@ class QuotaGuard:
                 code="limits_unavailable",
                 headers={"Retry-After": "5"},
             ) from None
-        call.quota_headers = _headers(demands, decision.states)
+        call.quota_headers = _headers(plan, decision.states)
         if not decision.allowed:
-            raise self._refusal(demands, budgets, decision)
-        return Reservation(lease, tuple(demands), estimate, tuple(budgets))
+            raise self._refusal(demands, plan.budgets, decision)
+        return Reservation(lease, demands, estimate, plan.budgets, plan.settled, plan.amounts)
 
     async def settle(self, reservation: Reservation, tokens: int, cost_micro_usd: int) -> None:
         """Charge what the call really used and free its parallel slot."""
         estimate = reservation.estimate
-        settlements = []
-        for demand in reservation.demands:
-            delta = 0
-            if demand.kind is LimitKind.RATE and demand.key.endswith(":tpm"):
-                delta = tokens - estimate.tokens
-            elif demand.kind is LimitKind.BUDGET:
-                delta = cost_micro_usd - estimate.cost_micro_usd
+        deltas = (0, tokens - estimate.tokens, cost_micro_usd - estimate.cost_micro_usd)
+        settlements: list[Settlement] = []
+        budgets: list[_Budget | None] = []
+        for index in reservation.settled:
+            demand = reservation.demands[index]
+            delta = deltas[reservation.amounts[index]]
+            budget = reservation.budgets[index]
+            unchanged = delta == 0 and demand.kind is not LimitKind.CONCURRENCY
+            if unchanged and (budget is None or budget.soft_ratio is None):
+                continue  # nothing would move, and no alert needs the counter's value
             settlements.append(Settlement.of(demand, delta))
+            budgets.append(budget)
+        if not settlements:
+            return
         try:
             values = await self._limiter.settle(settlements, reservation.lease)
         except LimiterUnavailableError as exc:
             # Counters stay as reserved (an over-estimate) and leases expire on their TTL.
             log.warning("quota_settle_failed", error=str(exc), lease=reservation.lease)
             return
-        for budget, value in zip(reservation.budgets, values, strict=True):
+        for budget, value in zip(budgets, values, strict=True):
             if budget is not None and budget.soft_ratio is not None:
                 await self._maybe_alert(budget, value)
 
     def settle_later(self, reservation: Reservation, tokens: int, cost_micro_usd: int) -> None:
-        """Settle from a task: for a request being cancelled, which must not await."""
+        """Settle from a task, so that the caller does not wait for the limiter's answer.
+
+        The task starts on the event loop's next turn; :meth:`aclose` waits for it.
+        """
         task = asyncio.get_running_loop().create_task(
             self.settle(reservation, tokens, cost_micro_usd)
         )
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
 
     async def aclose(self) -> None:
-        if self._tasks:
+        """Wait for every settlement and alert started (new ones may start meanwhile)."""
+        while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- internals ----------------------------------------------------------------------------
 
-    async def _demands(
-        self, scope: str, owner: str, quota: Quota, estimate: Estimate, now: float
-    ) -> list[tuple[Demand, _Budget | None]]:
-        base = f"{scope}:{owner}"
-        out: list[tuple[Demand, _Budget | None]] = []
-        if quota.rpm is not None:
-            out.append((Demand(f"{base}:rpm", LimitKind.RATE, quota.rpm, 1, MINUTE_S), None))
-        if quota.tpm is not None:
-            demand = Demand(f"{base}:tpm", LimitKind.RATE, quota.tpm, estimate.tokens, MINUTE_S)
-            out.append((demand, None))
-        if quota.max_parallel is not None:
-            demand = Demand(
-                f"{base}:parallel",
-                LimitKind.CONCURRENCY,
-                quota.max_parallel,
-                1,
-                self._lease_ttl_s,
-            )
-            out.append((demand, None))
-        if quota.budget_micro_usd is not None:
-            period, start, end = quota.budget_period.current(now)
-            key = f"{base}:budget:{period}"
-            ttl = TOTAL_BUDGET_TTL_S if math.isinf(end) else end - now + _DAY_S
-            budget = _Budget(
-                scope, owner, period, quota.budget_micro_usd, quota.soft_budget_ratio, ttl
-            )
-            seed = await self._seed(key, scope, owner, quota.budget_period, start)
-            demand = Demand(
-                key,
-                LimitKind.BUDGET,
-                quota.budget_micro_usd,
-                estimate.cost_micro_usd,
-                ttl,
-                seed,
-            )
-            out.append((demand, budget))
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("quota_settle_error", error=repr(exc))
+
+    @staticmethod
+    def _fill(plan: _Plan, estimate: Estimate, now: float) -> list[Demand]:
+        """The plan's demands with this request's estimate (and a budget counter's TTL)."""
+        out = []
+        for template, amount, budget in zip(plan.demands, plan.amounts, plan.budgets, strict=True):
+            d = template
+            if amount == _TOKENS:
+                d = Demand(d.key, d.kind, d.limit, estimate.tokens, d.window_s)
+            elif amount == _COST:
+                assert budget is not None
+                ttl = budget.ttl_s(now)
+                d = Demand(d.key, d.kind, d.limit, estimate.cost_micro_usd, ttl, d.seed)
+            out.append(d)
         return out
 
-    async def _seed(
-        self, key: str, scope: str, owner: str, period: BudgetPeriod, start: float
-    ) -> int:
+    async def _plan(self, principal: Principal, now: float) -> _Plan:
+        demands: list[Demand] = []
+        amounts: list[int] = []
+        budgets: list[_Budget | None] = []
+        policies: list[str] = []
+        rates: list[tuple[int, str]] = []
+        until = math.inf
+
+        def add(demand: Demand, amount: int, budget: _Budget | None = None) -> None:
+            if demand.kind is LimitKind.RATE:
+                scope, what = demand.key.partition(":")[0], demand.key.rsplit(":", 1)[1]
+                name = f'"{scope}-{what}"'
+                policies.append(f"{name};q={demand.limit};w={int(demand.window_s)}")
+                rates.append((len(demands), f"{name};r="))
+            demands.append(demand)
+            amounts.append(amount)
+            budgets.append(budget)
+
+        scopes = [("key", principal.key_id, principal.quota)]
+        if principal.team_id is not None:
+            scopes.append(("team", principal.team_id, principal.team_quota))
+        for scope, owner, quota in scopes:
+            base = f"{scope}:{owner}"
+            if quota.rpm is not None:
+                add(Demand(f"{base}:rpm", LimitKind.RATE, quota.rpm, 1, MINUTE_S), _ONE)
+            if quota.tpm is not None:
+                add(Demand(f"{base}:tpm", LimitKind.RATE, quota.tpm, 0, MINUTE_S), _TOKENS)
+            if quota.max_parallel is not None:
+                demand = Demand(
+                    f"{base}:parallel",
+                    LimitKind.CONCURRENCY,
+                    quota.max_parallel,
+                    1,
+                    self._lease_ttl_s,
+                )
+                add(demand, _ONE)
+            if quota.budget_micro_usd is not None:
+                period, start, end = quota.budget_period.current(now)
+                key = f"{base}:budget:{period}"
+                limit = quota.budget_micro_usd
+                budget = _Budget(scope, owner, period, limit, quota.soft_budget_ratio, end)
+                seed = await self._seed(key, scope, owner, start)
+                add(Demand(key, LimitKind.BUDGET, limit, 0, budget.ttl_s(now), seed), _COST, budget)
+                until = min(until, end)
+        settled = tuple(
+            i
+            for i, (d, amount) in enumerate(zip(demands, amounts, strict=True))
+            if d.kind is not LimitKind.RATE or amount != _ONE
+        )
+        plan = _Plan(
+            principal,
+            until,
+            tuple(demands),
+            tuple(amounts),
+            tuple(budgets),
+            settled,
+            ", ".join(policies),
+            tuple(rates),
+        )
+        if len(self._plans) >= 100_000:  # bounded, as the key cache is
+            self._plans.clear()
+        self._plans[principal.key_id] = plan
+        return plan
+
+    async def _seed(self, key: str, scope: str, owner: str, start: float) -> int:
         """Spend already recorded for the period: a new budget counter starts from it."""
         seed = self._seeds.get(key)
         if seed is None:
@@ -301,7 +394,7 @@ class QuotaGuard:
         if spent < threshold or flag in self._alerted:
             return
         self._alerted.add(flag)
-        if not await self._limiter.first_time(flag, budget.ttl_s):
+        if not await self._limiter.first_time(flag, budget.ttl_s(self._clock())):
             return
         alert = BudgetAlert(
             budget.scope, budget.id, budget.period, spent, budget.limit, budget.soft_ratio
@@ -321,18 +414,11 @@ class QuotaGuard:
             task.add_done_callback(self._tasks.discard)
 
 
-def _headers(demands: Sequence[Demand], states: Sequence[CounterState]) -> dict[str, str]:
+def _headers(plan: _Plan, states: Sequence[CounterState]) -> dict[str, str]:
     """``RateLimit-Policy`` and ``RateLimit`` (IETF httpapi draft) for the RPM/TPM counters."""
-    policies: list[str] = []
-    current: list[str] = []
-    for demand, state in zip(demands, states, strict=True):
-        if demand.kind is not LimitKind.RATE:
-            continue
-        scope = demand.key.partition(":")[0]
-        what = demand.key.rsplit(":", 1)[1]
-        name = f'"{scope}-{what}"'
-        policies.append(f"{name};q={demand.limit};w={int(demand.window_s)}")
-        current.append(f"{name};r={state.remaining};t={math.ceil(state.reset_s)}")
-    if not policies:
+    if not plan.rates:
         return {}
-    return {"ratelimit-policy": ", ".join(policies), "ratelimit": ", ".join(current)}
+    current = ", ".join(
+        [f"{name}{states[i].remaining};t={math.ceil(states[i].reset_s)}" for i, name in plan.rates]
+    )
+    return {"ratelimit-policy": plan.policy, "ratelimit": current}

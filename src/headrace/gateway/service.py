@@ -197,8 +197,12 @@ class GatewayService:
     ) -> None:
         """Settle the quota and write the usage record: once per request, whatever happened.
 
-        A cancelled request (the client went away) must not await: its settlement runs in a
-        task, and its record is written at once.
+        The settlement runs in a task, so that the answer does not wait for the limiter's
+        round trip; the quota guard waits for its tasks when it closes. The task is given one
+        turn of the event loop before the answer goes out (a remote limiter's command is then
+        sent, a local one has settled), so a client that sends its next request after this
+        answer finds its parallel slot free and its refund made. A cancelled request (the
+        client went away) must not await: it does not wait for that turn.
         """
         if error is None:
             status, name = 200, None
@@ -209,13 +213,11 @@ class GatewayService:
         else:
             status, name = 500, type(error).__name__
         usage = call.usage or Usage()
-        if reservation is not None and self._quota is not None:
-            cost = call.cost_micro_usd or 0
-            if status == CANCELLED_STATUS:
-                self._quota.settle_later(reservation, usage.total_tokens, cost)
-            else:
-                await self._quota.settle(reservation, usage.total_tokens, cost)
         self._write_usage(call, operation, status, name, stream=stream)
+        if reservation is not None and self._quota is not None:
+            self._quota.settle_later(reservation, usage.total_tokens, call.cost_micro_usd or 0)
+            if status != CANCELLED_STATUS:
+                await asyncio.sleep(0)
 
     def _write_usage(
         self, call: Call, operation: str, status: int, error: str | None, *, stream: bool = False
