@@ -236,7 +236,11 @@ class UsageConfig(_Strict):
         ge=1,
         description="Records per database insert (larger batches hold the event loop longer).",
     )
-    flush_interval_s: float = Field(0.2, gt=0, description="Longest a record waits in memory.")
+    flush_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="Longest a record waits in memory (what a crash of the process can lose).",
+    )
     max_buffer: int = Field(
         100_000, ge=1, description="Records held in memory; beyond that they go to the spool."
     )

@@ -92,7 +92,7 @@ class UsageWriter:
         spool_dir: Path,
         *,
         batch_size: int = 2000,
-        flush_interval_s: float = 0.2,
+        flush_interval_s: float = 1.0,
         max_buffer: int = 100_000,
         retry_interval_s: float = 1.0,
         max_retry_interval_s: float = 30.0,

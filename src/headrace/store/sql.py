@@ -50,6 +50,8 @@ from headrace.store.schema import api_keys, teams, usage_daily, usage_records
 
 _COUNTERS = tuple(f.name for f in dataclasses.fields(DailyTotals))  # usage_daily's sums
 _DAILY_KEY = ("day", "key_id", "team_id", "model")
+_DAILY_COLUMNS = (*_DAILY_KEY, *_COUNTERS)
+_RECORD_COLUMNS = tuple(f.name for f in dataclasses.fields(UsageRecord))  # = _record_to_row's
 _GROUP_COLUMNS = {"day": "day", "key": "key_id", "team": "team_id", "model": "model"}
 
 
@@ -68,6 +70,19 @@ class SqlStore:
         self._engine: AsyncEngine = create_engine(url)
         self._sqlite = is_sqlite(self._engine.url)
         self._migrate_on_start = migrate_on_start
+        # write_usage's two statements, built once: building them (and their cache keys) for
+        # every batch cost more than writing a small batch (PostgreSQL: 4.0 -> 1.5 ms of CPU
+        # for one record, SQLite: 2.1 -> 1.1 ms).
+        self._insert_records = (
+            self._insert_many(usage_records, _RECORD_COLUMNS)
+            .on_conflict_do_nothing(index_elements=[usage_records.c.id])
+            .returning(usage_records.c.id)
+        )
+        insert_daily = self._insert_many(usage_daily, _DAILY_COLUMNS)
+        self._upsert_daily = insert_daily.on_conflict_do_update(
+            index_elements=[usage_daily.c[name] for name in _DAILY_KEY],
+            set_={name: usage_daily.c[name] + insert_daily.excluded[name] for name in _COUNTERS},
+        )
 
     async def start(self) -> None:
         if self._migrate_on_start:
@@ -85,17 +100,14 @@ class SqlStore:
     def _insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
         return sqlite.insert(table) if self._sqlite else postgresql.insert(table)
 
-    def _insert_many(
-        self, table: Table, rows: Sequence[Mapping[str, Any]]
-    ) -> tuple[postgresql.Insert | sqlite.Insert, list[Mapping[str, Any]] | dict[str, list[Any]]]:
-        """An INSERT of ``rows`` (all with the same keys) and the parameters to execute it with.
+    def _insert_many(self, table: Table, names: Sequence[str]) -> postgresql.Insert | sqlite.Insert:
+        """An INSERT of many rows with the columns ``names``; see :meth:`_many` for its parameters.
 
         PostgreSQL: one ``INSERT ... SELECT * FROM unnest(:col1, :col2, ...)`` taking one array
         per column. SQLite: a plain INSERT executed with the list of rows (multi-row VALUES).
         """
         if self._sqlite:
-            return sqlite.insert(table), list(rows)
-        names = list(rows[0])
+            return sqlite.insert(table)
         # Strings travel as text[]: a cast to varchar(n)[] would cut long values silently,
         # where the column's own assignment refuses them, as a plain INSERT does.
         arrays = [
@@ -103,8 +115,16 @@ class SqlStore:
             for name in names
         ]
         source = func.unnest(*arrays).table_valued(*names).render_derived()
-        statement = postgresql.insert(table).from_select(names, select(source))
-        return statement, {name: [row[name] for row in rows] for name in names}
+        return postgresql.insert(table).from_select(list(names), select(source))
+
+    def _many(
+        self, names: Sequence[str], rows: Sequence[Mapping[str, Any]]
+    ) -> list[Mapping[str, Any]] | dict[str, list[Any]]:
+        """Parameters for an :meth:`_insert_many` statement: the rows (SQLite), or one list per
+        column (PostgreSQL)."""
+        if self._sqlite:
+            return list(rows)
+        return {name: [row[name] for row in rows] for name in names}
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -184,12 +204,9 @@ class SqlStore:
             return 0
         # Ascending ids and aggregate keys: concurrent writers take row locks in one order.
         ordered = sorted(records, key=lambda r: r.id)
-        insert, params = self._insert_many(usage_records, [_record_to_row(r) for r in ordered])
-        insert_records = insert.on_conflict_do_nothing(
-            index_elements=[usage_records.c.id]
-        ).returning(usage_records.c.id)
+        params = self._many(_RECORD_COLUMNS, [_record_to_row(r) for r in ordered])
         async with self._engine.begin() as conn:
-            inserted = set((await conn.execute(insert_records, params)).scalars())
+            inserted = set((await conn.execute(self._insert_records, params)).scalars())
             if not inserted:
                 return 0
             new: list[UsageRecord] = []
@@ -207,13 +224,7 @@ class SqlStore:
                 }
                 for (day, key_id, team_id, model), totals in sorted(aggregate(new).items())
             ]
-            insert_daily, params = self._insert_many(usage_daily, daily)
-            excluded = insert_daily.excluded
-            upsert_daily = insert_daily.on_conflict_do_update(
-                index_elements=[usage_daily.c[name] for name in _DAILY_KEY],
-                set_={name: usage_daily.c[name] + excluded[name] for name in _COUNTERS},
-            )
-            await conn.execute(upsert_daily, params)
+            await conn.execute(self._upsert_daily, self._many(_DAILY_COLUMNS, daily))
         return len(new)
 
     async def usage_summary(
