@@ -53,7 +53,10 @@ GatewayFactory = Callable[..., Any]
 
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
-    """Factory: ``await gateway(**settings_overrides)`` → (httpx client, runtime), started."""
+    """Factory: ``await gateway(**settings_overrides)`` → (httpx client, runtime), started.
+
+    ``store=`` replaces the default :class:`MemoryStore`.
+    """
     started: list[tuple[httpx.AsyncClient, Runtime]] = []
 
     async def factory(**overrides: Any) -> tuple[httpx.AsyncClient, Runtime]:
@@ -61,9 +64,10 @@ async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         jobs = overrides.pop("jobs", False)
         if not isinstance(jobs, bool):
             overrides["jobs"] = jobs
+        store = overrides.pop("store", None) or MemoryStore()
         rt = build_runtime(
             make_settings(tmp_path, **overrides),
-            store=MemoryStore(),
+            store=store,
             validate_job=validate_job if jobs else None,
         )
         if jobs:

@@ -403,6 +403,7 @@ class Call:
     requested_model: str | None = None  # what the client asked for, before selection rules
     baseline_cost_micro_usd: int | None = None  # the requested model's price for the same usage
     quota_headers: dict[str, str] | None = None  # RateLimit / RateLimit-Policy for the response
+    recorded: bool = False  # its one usage record is written
     started_ns: int = field(default_factory=time.perf_counter_ns)
 
 

@@ -16,6 +16,7 @@
     ├── RateLimitExceededError         429 requests|tokens / rate_limit_exceeded (+ Retry-After)
     ├── BudgetExceededError            402 insufficient_quota / budget_exceeded
     ├── OverloadedError                503 service_unavailable / overloaded
+    ├── ClientClosedError              499 client_closed / client_closed_request (nobody reads it)
     └── UpstreamError                  502 upstream_error (names the deployment, never its key)
         ├── UpstreamStatusError        502 (the upstream answered 5xx, 401/403, or nonsense)
         ├── UpstreamRejectedError      400 (the upstream refused the request itself: 400/404/422)
@@ -142,6 +143,18 @@ class OverloadedError(HeadraceError):
     status = 503
     type = "service_unavailable"
     default_code = "overloaded"
+
+
+class ClientClosedError(HeadraceError):
+    """The client went away before its request was complete: nginx's 499.
+
+    Nobody is left to read the answer; the status is for the metrics, the access log and the
+    usage record. Not an error of the gateway's, so it is never logged as one.
+    """
+
+    status = 499
+    type = "client_closed"
+    default_code = "client_closed_request"
 
 
 class UpstreamError(HeadraceError):

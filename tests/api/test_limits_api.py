@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+import pytest
+
 from headrace.config import DeploymentConfig, ModelConfig, PriceConfig, SelectionRuleConfig
 from headrace.domain import NO_QUOTA, BudgetPeriod, Quota, Role, Team
 from headrace.gateway.auth import new_key, new_secret
 from headrace.wiring import Runtime
 from tests.conftest import GatewayFactory
+from tests.fakes.recording_store import RecordingStore
 
 USER = [{"role": "user", "content": "one two three"}]
 
@@ -127,3 +131,48 @@ async def test_every_outcome_leaves_one_usage_record(gateway: GatewayFactory) ->
     (row,) = await rt.store.usage_summary(["key"])
     assert (row.requests, row.errors) == (4, 2)
     assert row.prompt_tokens == 2 * 3
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code"),
+    [
+        ("/v1/chat/completions", b'{"model": "echo", "messages": [', "invalid_json"),
+        ("/v1/chat/completions", b'{"model": "echo", "messages": "hi"}', "invalid_value"),
+        ("/v1/embeddings", b'{"model": "echo-embed"}', "missing_required_parameter"),
+    ],
+)
+async def test_a_request_refused_before_the_gateway_still_leaves_one_usage_record(
+    gateway: GatewayFactory, path: str, body: bytes, code: str
+) -> None:
+    store = RecordingStore()
+    client, rt = await gateway(store=store)
+    headers = await user_key(rt)
+    response = await client.post(
+        path, content=body, headers={**headers, "Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("invalid_request_error", code)
+    assert rt.usage is not None
+    await rt.usage.flush()
+    (key,) = [k for k in await rt.store.list_keys() if k.name == "user"]
+    (record,) = store.records
+    operation = "chat" if path == "/v1/chat/completions" else "embeddings"
+    assert (record.key_id, record.operation, record.status) == (key.id, operation, 400)
+
+
+async def test_a_refusal_by_the_gateway_is_recorded_once_and_one_without_a_key_not_at_all(
+    gateway: GatewayFactory,
+) -> None:
+    store = RecordingStore()
+    client, rt = await gateway(store=store)
+    headers = await user_key(rt)
+    unknown = {"model": "no-such-model", "messages": USER}
+    refused = await client.post("/v1/chat/completions", json=unknown, headers=headers)
+    assert refused.status_code == 404
+    anonymous = await client.post("/v1/chat/completions", content=orjson.dumps(unknown))
+    assert anonymous.status_code == 401
+    assert rt.usage is not None
+    await rt.usage.flush()
+    assert [(r.status, r.error) for r in store.records] == [(404, "ModelNotFoundError")]

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from headrace.api import sse
-from headrace.api.context import authenticated_call, json_body, runtime
+from headrace.api.context import accounted, authenticated_call, json_body, runtime
 from headrace.api.wire import chat_request
 from headrace.domain import Call, ChatRequest, JobKind
 from headrace.errors import InvalidRequestError
@@ -20,6 +20,7 @@ router = APIRouter()
 
 
 @router.post("/v1/chat/completions", tags=["openai"])
+@accounted("chat")
 async def chat_completions(request: Request) -> Response:
     call = await authenticated_call(request)
     chat = chat_request(await json_body(request))

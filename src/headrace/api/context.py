@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import orjson
 from starlette.requests import Request
+from starlette.responses import Response
 
 from headrace.domain import CacheControl, Call, Priority, RequestControls
 from headrace.errors import InvalidRequestError, MalformedJsonError
@@ -104,3 +107,32 @@ async def json_body(request: Request) -> Any:
             f"The request body is not valid JSON ({exc.msg} at byte {exc.pos}). "
             "Send a JSON object with Content-Type: application/json."
         ) from None
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def accounted(operation: str) -> Callable[[Endpoint], Endpoint]:
+    """For the routes whose requests leave usage records: one record per request, whatever
+    its outcome, for a request that fails before it reaches the gateway service too.
+
+    An authenticated request whose body never arrived (499), is not JSON or has invalid
+    fields (400), or whose headers are wrong is recorded under ``operation`` as the service
+    records a refusal. A request that reached the service has its record already; one without
+    a valid key has nobody to charge.
+    """
+
+    def decorate(endpoint: Endpoint) -> Endpoint:
+        @functools.wraps(endpoint)
+        async def accounted_endpoint(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except Exception as exc:
+                call = call_of(request)
+                if call.principal is not None:
+                    runtime(request).gateway.record_refusal(call, operation, exc)
+                raise
+
+        return accounted_endpoint
+
+    return decorate

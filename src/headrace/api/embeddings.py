@@ -7,13 +7,14 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from headrace.api.context import authenticated_call, json_body, runtime
+from headrace.api.context import accounted, authenticated_call, json_body, runtime
 from headrace.api.wire import embedding_body, embedding_request
 
 router = APIRouter()
 
 
 @router.post("/v1/embeddings", tags=["openai"])
+@accounted("embeddings")
 async def embeddings(request: Request) -> Response:
     call = await authenticated_call(request)
     embed, encoding = embedding_request(await json_body(request))

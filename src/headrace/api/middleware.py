@@ -2,7 +2,8 @@
 
 For every HTTP request: a request id (an incoming ``X-Request-Id`` is honoured), the body size
 limit (413 before reading when ``Content-Length`` says so, or as soon as the stream passes
-it), response headers reporting what the gateway did, metrics (counts, duration, active
+it), a client that leaves before its body is complete (499, wherever the body is read),
+response headers reporting what the gateway did, metrics (counts, duration, active
 requests, overhead = wall time minus upstream time) and one structured access-log line.
 """
 
@@ -17,7 +18,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from headrace.domain import Call
-from headrace.errors import PayloadTooLargeError
+from headrace.errors import ClientClosedError, PayloadTooLargeError
 from headrace.observability.access_log import AccessLog
 from headrace.observability.metrics import Metrics
 
@@ -95,14 +96,23 @@ class RequestMiddleware:
             await send(message)
 
         received = 0
+        body_complete = False
 
         async def receive_limited() -> Message:
-            nonlocal received
+            # Both failures are raised here, where the body is read, so that every reader
+            # (JSON bodies, multipart uploads) gets a HeadraceError: starlette's own
+            # ClientDisconnect would be an unhandled 500.
+            nonlocal received, body_complete
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise _too_large(limit)
+                body_complete = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect" and not body_complete:
+                raise ClientClosedError(
+                    "The client closed the connection before the request body was complete."
+                )
             return message
 
         self.metrics.active.inc()

@@ -7,7 +7,8 @@ choice, retries, breakers, fallbacks, degraded answer) → cost → settle the q
 usage → one usage record (batched to the store off the request path) and metrics.
 
 Every request that reaches the service is accounted exactly once, whatever its outcome:
-answered, refused, failed, or cancelled by a client that went away (see :meth:`_finish`).
+answered, refused, failed, or cancelled by a client that went away (see :meth:`_finish`);
+the API accounts those that fail before they reach it through :meth:`record_refusal`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from headrace.domain import (
     Usage,
     UsageRecord,
 )
-from headrace.errors import HeadraceError, PermissionDeniedError
+from headrace.errors import ClientClosedError, HeadraceError, PermissionDeniedError
 from headrace.gateway.admission import Admission
 from headrace.gateway.caching import HIT, ResponseCacher
 from headrace.gateway.quota import Estimate, QuotaGuard, Reservation
@@ -42,7 +43,7 @@ from headrace.routing.router import Router
 
 _Answer = TypeVar("_Answer", ChatResponse, EmbeddingResponse)
 
-CANCELLED_STATUS = 499  # the client went away before the answer was complete (nginx's code)
+CANCELLED_STATUS = ClientClosedError.status  # the client left before the answer was complete
 
 
 class UsageRecorder(Protocol):
@@ -219,9 +220,17 @@ class GatewayService:
             if status != CANCELLED_STATUS:
                 await asyncio.sleep(0)
 
+    def record_refusal(self, call: Call, operation: str, error: Exception) -> None:
+        """Account a request that failed before it reached the service (the API could not read
+        or parse it), unless it already has its record: one per request, whatever happened."""
+        if not call.recorded:
+            status = error.status if isinstance(error, HeadraceError) else 500
+            self._write_usage(call, operation, status, type(error).__name__)
+
     def _write_usage(
         self, call: Call, operation: str, status: int, error: str | None, *, stream: bool = False
     ) -> None:
+        call.recorded = True
         if self._usage is None:
             return
         usage = call.usage or Usage()
