@@ -981,6 +981,7 @@ def header(quick: bool, code: Code, database: str | None) -> str:
 def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
     code = Code.at(args.commit, workdir)
     database = None if args.no_postgres else args.database_url
+    sections = set(args.sections.split(","))
     print(header(args.quick, code, database), end="\n\n", flush=True)
     goals: list[Goal] = []
     quiet = Quiet(plan.quiet_budget_s)
@@ -988,27 +989,36 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
         launch = Launcher(stack, workdir, code)
         _progress("starting mock-upstream and the embedded gateway")
         mock = launch.mock()
-        backends = [embedded(launch, mock)]
+        backends = [] if args.no_embedded else [embedded(launch, mock)]
         if database:
             url = stack.enter_context(fresh_postgres(database))
             _progress("headrace migrate, then serve and 2 workers on PostgreSQL")
             backends.append(postgres(launch, mock, url))
         for backend in backends:
             stack.callback(backend.db.dispose)
-        results = [throughput(b, mock, plan, ms, quiet) for b in backends for ms in LATENCIES_MS]
-        _show(throughput_table(results, goals))
+        latencies = [int(ms) for ms in args.latencies.split(",")]
+        measured = sections & {"throughput", "wait"}
+        results = [
+            throughput(b, mock, plan, ms, quiet) for b in backends for ms in latencies if measured
+        ]
+        if "throughput" in sections:
+            _show(throughput_table(results, goals))
         waits = []
-        for backend in backends:
+        for backend in backends if "wait" in sections and 0 in latencies else []:
             e2e = next(r for r in results if r.backend == backend.name and r.latency_ms == 0)
             rate = max(10.0, min(plan.wait_rate_cap, round(e2e.completed_per_s / 2, -1)))
             waits.append(queue_wait(backend, mock, plan, rate, quiet))
-        _show(queue_wait_table(waits))
+        if waits:
+            _show(queue_wait_table(waits))
         if database:
             pg = backends[-1]
-            _show(drain_table(drain(pg, mock, plan, quiet)))
-            found = in_flight(pg, mock, plan, quiet)
-            _show(in_flight_table(found, plan.in_flight_concurrency, goals))
-            _show(crash_table(crash(pg, mock, plan, quiet), goals))
+            if "drain" in sections:
+                _show(drain_table(drain(pg, mock, plan, quiet)))
+            if "inflight" in sections:
+                found = in_flight(pg, mock, plan, quiet)
+                _show(in_flight_table(found, plan.in_flight_concurrency, goals))
+            if "crash" in sections:
+                _show(crash_table(crash(pg, mock, plan, quiet), goals))
     table = goals_table(goals)
     table.notes.append(
         f"other processes: {quiet.waited_s:.0f} s spent waiting for quiet "
@@ -1038,6 +1048,17 @@ def main() -> None:
         f"HEADRACE_TEST_DATABASE_URL or {DEFAULT_DATABASE_URL})",
     )
     parser.add_argument("--no-postgres", action="store_true", help="the embedded backend only")
+    parser.add_argument("--no-embedded", action="store_true", help="the PostgreSQL backend only")
+    parser.add_argument(
+        "--sections",
+        default="throughput,wait,drain,inflight,crash",
+        help="which sections to run, comma-separated (default: all five)",
+    )
+    parser.add_argument(
+        "--latencies",
+        default=",".join(str(ms) for ms in LATENCIES_MS),
+        help="upstream latencies (ms) of the throughput section, comma-separated (default: 0,50)",
+    )
     parser.add_argument(
         "--logs", type=Path, help="copy the servers' logs into this directory at the end"
     )

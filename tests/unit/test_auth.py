@@ -1,9 +1,10 @@
+import asyncio
 import stat
 from pathlib import Path
 
 import pytest
 
-from headrace.domain import Role
+from headrace.domain import ApiKey, Role
 from headrace.errors import AuthenticationError
 from headrace.gateway.auth import (
     ADMIN_KEY_FILE,
@@ -120,3 +121,59 @@ async def test_a_store_outage_is_503_but_cached_keys_keep_working() -> None:
     with pytest.raises(OverloadedError) as info:
         await auth.authenticate(f"Bearer {unknown}")
     assert (info.value.status, info.value.code) == (503, "store_unavailable")
+
+
+class CountingStore(MemoryStore):
+    """Counts key reads by id and can hold them, to see concurrent lookups share one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        self.reads += 1
+        await self.gate.wait()
+        return await super().get_key(key_id)
+
+
+async def test_principal_of_is_cached_for_the_ttl_and_read_once_for_concurrent_jobs() -> None:
+    store, clock = CountingStore(), Clock()
+    key = new_key(new_secret(), role=Role.USER, name="jobs")
+    await store.put(key)
+    auth = Authenticator(store, cache_ttl_s=10, clock=clock)
+    store.gate.clear()
+    lookups = [asyncio.ensure_future(auth.principal_of(key.id)) for _ in range(50)]
+    await asyncio.sleep(0)
+    store.gate.set()
+    principals = await asyncio.gather(*lookups)
+    assert {p.key_id for p in principals if p is not None} == {key.id}
+    assert store.reads == 1
+    await auth.principal_of(key.id)
+    assert store.reads == 1  # within the TTL: from the cache
+    await store.revoke(key.id)
+    clock.now += 11  # past the TTL: read again, and the revoke is seen
+    assert await auth.principal_of(key.id) is None
+    assert store.reads == 2
+
+
+async def test_forget_drops_cached_principals_at_once() -> None:
+    store = CountingStore()
+    key = new_key(new_secret(), role=Role.USER, name="jobs")
+    await store.put(key)
+    auth = Authenticator(store, cache_ttl_s=3600)
+    assert await auth.principal_of(key.id) is not None
+    await store.revoke(key.id)
+    auth.forget()  # what the admin API does after a revoke
+    assert await auth.principal_of(key.id) is None
+
+
+async def test_principal_of_refuses_an_expired_key_even_when_cached() -> None:
+    store, wall = MemoryStore(), Clock()
+    key = new_key(new_secret(), role=Role.USER, name="jobs", expires_at=wall.now + 5)
+    await store.put(key)
+    auth = Authenticator(store, cache_ttl_s=3600, wall_clock=wall)
+    assert await auth.principal_of(key.id) is not None
+    wall.now += 6
+    assert await auth.principal_of(key.id) is None

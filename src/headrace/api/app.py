@@ -1,8 +1,8 @@
 """The ASGI application: routes, error rendering, request middleware, lifespan.
 
-The hot OpenAI routes (chat completions, embeddings) are plain Starlette routes in the outer
-application: FastAPI's per-route machinery (dependency solving, its own middleware stack)
-cost about a quarter of a cache hit's CPU. Everything else — models, health, metrics, admin,
+The hot routes (chat completions, embeddings, job submission) are plain Starlette routes in
+the outer application: FastAPI's per-route machinery (dependency solving, its own middleware
+stack) cost about a quarter of a cache hit's CPU. Everything else — models, health, metrics, admin,
 and the OpenAPI description of every route, the hot ones included — is served by the FastAPI
 application mounted beneath them.
 """
@@ -54,6 +54,7 @@ def create_app(rt: Runtime) -> Starlette:
         routes=[
             Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
             Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
+            Route("/v1/jobs", jobs.submit_job, methods=["POST"]),
             Mount("/", app=api),
         ],
         lifespan=lifespan,

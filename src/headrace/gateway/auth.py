@@ -6,6 +6,8 @@ a lookup hashes the presented secret and compares digests in constant time.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import hmac
 import os
@@ -93,7 +95,9 @@ class Authenticator:
         self._ttl = cache_ttl_s
         self._clock = clock
         self._wall_clock = wall_clock
-        self._cache: dict[str, _Cached] = {}
+        self._cache: dict[str, _Cached] = {}  # by secret digest
+        self._by_id: dict[str, _Cached] = {}  # by key id, for principal_of
+        self._reading: dict[str, asyncio.Future[Principal | None]] = {}
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not self._enabled:
@@ -143,13 +147,41 @@ class Authenticator:
 
     async def principal_of(self, key_id: str) -> Principal | None:
         """The principal of a stored key by id (a worker acting for a job's key); None when
-        the key is gone, revoked or expired. Read fresh: jobs run long after submission."""
+        the key is gone, revoked or expired.
+
+        Cached like :meth:`authenticate`'s lookups (``cache_ttl_s``, dropped by
+        :meth:`forget`), so a revoke reaches running workers as fast as it reaches gateways;
+        concurrent lookups of one key share one store read (a worker claims hundreds of jobs
+        of one key at once).
+        """
         if not self._enabled:
             return ANONYMOUS
+        now = self._clock()
+        cached = self._by_id.get(key_id)
+        if cached is None or cached.expires_at <= now:
+            reading = self._reading.get(key_id)
+            if reading is None:
+                reading = asyncio.ensure_future(self._read_principal(key_id))
+                self._reading[key_id] = reading
+                reading.add_done_callback(functools.partial(self._read_done, key_id))
+            principal = await asyncio.shield(reading)
+            if len(self._by_id) > 100_000:
+                self._by_id.clear()
+            self._by_id[key_id] = cached = _Cached(principal, now + self._ttl)
+        principal = cached.principal
+        if principal is None:
+            return None
+        if principal.expires_at is not None and principal.expires_at <= self._wall_clock():
+            return None
+        return principal
+
+    def _read_done(self, key_id: str, reading: asyncio.Future[Principal | None]) -> None:
+        if self._reading.get(key_id) is reading:
+            del self._reading[key_id]
+
+    async def _read_principal(self, key_id: str) -> Principal | None:
         key = await self._store.get_key(key_id)
         if key is None or key.revoked:
-            return None
-        if key.expires_at is not None and key.expires_at <= self._wall_clock():
             return None
         team = await self._store.get_team(key.team_id) if key.team_id else None
         return _principal(key, team)
@@ -157,6 +189,7 @@ class Authenticator:
     def forget(self) -> None:
         """Drop every cached lookup (after a revoke or key change)."""
         self._cache.clear()
+        self._by_id.clear()
 
 
 def _principal(key: ApiKey, team: Team | None) -> Principal:

@@ -32,10 +32,12 @@ from headrace.errors import (
 )
 from headrace.events.ssrf import validate_webhook_url
 from headrace.queue.base import Failure, Idempotency, IdempotencyConflictError, JobQueue, Lease
+from headrace.queue.grouping import GroupCommit
 
 Validate = Callable[[JobKind, Mapping[str, Any]], None]
 INLINE_LEASE_S = 600.0  # an idempotent request holds its job this long; then workers may take it
 IDEMPOTENT_POLL_S = 0.05  # a repeat of an in-flight request checks this often
+SUBMIT_BATCH = 500  # submissions written in one transaction, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,8 @@ class JobService:
         self._policy = policy or JobPolicy()
         self._clock = clock
         self._pending: set[asyncio.Future[None]] = set()
+        # Plain submissions (no Idempotency-Key) arriving together share one transaction.
+        self._submissions = GroupCommit(self._submit_many, max_batch=SUBMIT_BATCH)
 
     @property
     def queue(self) -> JobQueue:
@@ -157,6 +161,8 @@ class JobService:
                 body_hash=body_hash(kind, body, options),
                 expires_at=job.created_at + self._policy.idempotency_ttl_s,
             )
+        if claim is None:
+            return await self._submissions.add(job), True
         try:
             return await self._queue.submit(job, claim)
         except IdempotencyConflictError as exc:
@@ -165,6 +171,10 @@ class JobService:
                 f"(job {exc.existing.id}); use a new key for a new request.",
                 code="idempotency_key_reused",
             ) from None
+
+    async def _submit_many(self, jobs: list[Job]) -> list[Job]:
+        await self._queue.submit_many(jobs)
+        return jobs
 
     async def once(
         self,

@@ -62,7 +62,9 @@ from typing import Any
 
 import orjson
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
+    Executable,
     Row,
     Select,
     String,
@@ -208,14 +210,10 @@ class SqlJobQueue:
         if self._sqlite:
             await conn.execute(insert(table), list(rows))
             return
-        names = list(rows[0])
-        arrays = [
-            cast(bindparam(name), postgresql.ARRAY(_array_element(table.c[name].type)))
-            for name in names
-        ]
-        source = func.unnest(*arrays).table_valued(*names).render_derived()
-        statement = postgresql.insert(table).from_select(names, select(source))
-        await conn.execute(statement, {name: [row[name] for row in rows] for name in names})
+        names = tuple(rows[0])
+        await conn.execute(
+            _unnest_insert(table, names), {name: [row[name] for row in rows] for name in names}
+        )
 
     # -- submission ---------------------------------------------------------------------------
 
@@ -435,34 +433,66 @@ class SqlJobQueue:
         self, worker: str, completions: Sequence[Completion]
     ) -> list[Job | None]:
         now = self._clock()
-        c = jobs.c
-        rows: dict[str, Row[Any] | None] = {}
         async with self._write() as conn:
-            # In id order, so that this and a heartbeat never lock the same rows in opposite
-            # orders (a deadlock on PostgreSQL).
-            for done in sorted(completions, key=lambda d: d.job_id):
-                rows[done.job_id] = (
-                    await conn.execute(
-                        update(jobs)
-                        .where(c.id == done.job_id, c.status == _RUNNING, c.lease_owner == worker)
-                        .values(
-                            status=JobStatus.SUCCEEDED.value,
-                            result=_dumps(done.result),
-                            error=None,
-                            cost_micro_usd=int(done.cost_micro_usd),
-                            finished_at=now,
-                            lease_owner=None,
-                            lease_expires_at=None,
-                            event_seq=c.event_seq + 1,
-                        )
-                        .returning(*jobs.c)
-                    )
-                ).first()
-            finished = [(row, {"attempt": row.attempts}) for row in rows.values() if row]
-            if finished:
-                await self._record(conn, finished, now)
-        answers = [rows[done.job_id] for done in completions]
+            if self._sqlite:
+                rows = await self._complete_each(conn, worker, completions, now)
+            else:
+                rows = await self._complete_set(conn, worker, completions, now)
+            finished = [(row, {"attempt": row.attempts}) for row in rows.values()]
+            await self._record(conn, finished, now)
+        answers = [rows.get(done.job_id) for done in completions]
         return [None if row is None else _row_to_job(row) for row in answers]
+
+    async def _complete_each(
+        self, conn: AsyncConnection, worker: str, completions: Sequence[Completion], now: float
+    ) -> dict[str, Row[Any]]:
+        """SQLite: one ``UPDATE`` per completion (in process, each is cheap); the rows
+        updated (jobs still leased to ``worker``), by id."""
+        c = jobs.c
+        rows: dict[str, Row[Any]] = {}
+        for done in completions:
+            row = (
+                await conn.execute(
+                    update(jobs)
+                    .where(c.id == done.job_id, c.status == _RUNNING, c.lease_owner == worker)
+                    .values(
+                        status=JobStatus.SUCCEEDED.value,
+                        result=_dumps(done.result),
+                        error=None,
+                        cost_micro_usd=int(done.cost_micro_usd),
+                        finished_at=now,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        event_seq=c.event_seq + 1,
+                    )
+                    .returning(*jobs.c)
+                )
+            ).first()
+            if row is not None:
+                rows[done.job_id] = row
+        return rows
+
+    async def _complete_set(
+        self, conn: AsyncConnection, worker: str, completions: Sequence[Completion], now: float
+    ) -> dict[str, Row[Any]]:
+        """PostgreSQL: ``completions`` in two statements, whatever their number; the rows
+        updated (jobs still leased to ``worker``), by id.
+
+        The rows are locked in id order first, as :meth:`heartbeat` locks them: two
+        transactions that take the same rows in the same order cannot deadlock (the join of
+        the ``UPDATE`` locks in whatever order its plan reads).
+        """
+        ids = sorted({done.job_id for done in completions})
+        await conn.execute(_LOCK_LEASED, {"ids": ids, "worker": worker})
+        params = {
+            "ids": [done.job_id for done in completions],
+            "results": [_dumps(done.result) for done in completions],
+            "costs": [int(done.cost_micro_usd) for done in completions],
+            "worker": worker,
+            "now": now,
+        }
+        updated = await conn.execute(_COMPLETE_SET, params)
+        return {row.id: row for row in updated}
 
     async def fail(self, job_id: str, worker: str, failure: Failure) -> Job | None:
         now = self._clock()
@@ -904,6 +934,65 @@ def job_view(job: Job) -> dict[str, Any]:
 
 
 # An expired job's error; OpenAI-shaped, plus its HTTP-like status.
+def _unnest_insert(table: Table, names: tuple[str, ...]) -> Executable:
+    """PostgreSQL: ``INSERT INTO table (names) SELECT * FROM unnest(:name1, :name2, ...)``,
+    each parameter an array of that column's values (built once per table and columns)."""
+    key = (table.name, names)
+    statement = _UNNEST_INSERTS.get(key)
+    if statement is None:
+        arrays = [
+            cast(bindparam(name), postgresql.ARRAY(_array_element(table.c[name].type)))
+            for name in names
+        ]
+        source = func.unnest(*arrays).table_valued(*names).render_derived()
+        statement = postgresql.insert(table).from_select(list(names), select(source))
+        _UNNEST_INSERTS[key] = statement
+    return statement
+
+
+_UNNEST_INSERTS: dict[tuple[str, tuple[str, ...]], Executable] = {}
+
+# PostgreSQL, complete_many: lock the rows still leased to the worker in id order, then set
+# them succeeded from one array per field.
+_LOCK_LEASED = (
+    select(jobs.c.id)
+    .where(
+        jobs.c.id == any_(cast(bindparam("ids"), postgresql.ARRAY(Text()))),
+        jobs.c.status == _RUNNING,
+        jobs.c.lease_owner == bindparam("worker"),
+    )
+    .order_by(jobs.c.id)
+    .with_for_update()
+)
+_DONE = (
+    func.unnest(
+        cast(bindparam("ids"), postgresql.ARRAY(Text())),
+        cast(bindparam("results"), postgresql.ARRAY(Text())),
+        cast(bindparam("costs"), postgresql.ARRAY(BigInteger())),
+    )
+    .table_valued("id", "result", "cost", name="done")
+    .render_derived()
+)
+_COMPLETE_SET = (
+    update(jobs)
+    .where(
+        jobs.c.id == _DONE.c.id,
+        jobs.c.status == _RUNNING,
+        jobs.c.lease_owner == bindparam("worker"),
+    )
+    .values(
+        status=JobStatus.SUCCEEDED.value,
+        result=_DONE.c.result,
+        error=None,
+        cost_micro_usd=_DONE.c.cost,
+        finished_at=bindparam("now"),
+        lease_owner=None,
+        lease_expires_at=None,
+        event_seq=jobs.c.event_seq + 1,
+    )
+    .returning(*jobs.c)
+)
+
 _EXPIRED: dict[str, Any] = {
     "message": (
         "the job was not started before its deadline_at: submit it again with a later "
