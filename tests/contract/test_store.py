@@ -218,6 +218,18 @@ async def test_write_usage_is_idempotent_by_record_id(store: Store) -> None:
     assert spent == 1000
 
 
+async def test_a_large_batch_is_written_once_whatever_its_size(store: Store) -> None:
+    # 1,500 distinct ids (beyond what one SQLite statement carries), each of 100 of them twice.
+    batch = [record(f"u{n:04d}", cost=1) for n in range(1500)]
+    batch += [record(f"u{n:04d}", cost=1) for n in range(0, 1500, 15)]
+    assert await store.write_usage(batch) == 1500
+    assert await store.write_usage(batch[700:1300]) == 0  # a replay of part of it
+    more = [record(f"u{n:04d}", cost=1) for n in range(1400, 1637)]  # 137 of them new
+    assert await store.write_usage(more) == 137
+    assert await store.count_usage_records() == 1637
+    assert await store.usage_summary([]) == [row(1637, 1637)]
+
+
 async def test_summary_counts_errors_and_cache_hits(store: Store) -> None:
     await store.write_usage(
         [

@@ -13,16 +13,24 @@ one statement with one parameter per column, whatever the batch size. The multi-
 cell, and psycopg's client-side parsing of such a statement capped a writer near 4,000
 records/s; unnest sustains several times that (see docs/adr/0008). SQLite keeps
 multi-row ``VALUES``: it is in process, and fast that way.
+
+The usage statements are built once and run as the driver's SQL (:class:`_UsageSql`): the
+writer runs on the gateway's event loop, and SQLAlchemy's per-batch work (building and
+compiling the statement, and for SQLite its per-row parameter processing) cost more than the
+driver's. PostgreSQL's arrays travel in psycopg's binary format: its text format quotes every
+element through a regular expression, four times the cost.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 from sqlalchemy import (
+    ClauseElement,
     ColumnElement,
     Row,
     String,
@@ -38,7 +46,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.types import TypeEngine
 
 from headrace.domain import ApiKey, BudgetPeriod, Quota, Role, Team, UsageRecord
@@ -51,7 +60,6 @@ from headrace.store.schema import api_keys, teams, usage_daily, usage_records
 _COUNTERS = tuple(f.name for f in dataclasses.fields(DailyTotals))  # usage_daily's sums
 _DAILY_KEY = ("day", "key_id", "team_id", "model")
 _DAILY_COLUMNS = (*_DAILY_KEY, *_COUNTERS)
-_RECORD_COLUMNS = tuple(f.name for f in dataclasses.fields(UsageRecord))  # = _record_to_row's
 _GROUP_COLUMNS = {"day": "day", "key": "key_id", "team": "team_id", "model": "model"}
 
 
@@ -70,18 +78,18 @@ class SqlStore:
         self._engine: AsyncEngine = create_engine(url)
         self._sqlite = is_sqlite(self._engine.url)
         self._migrate_on_start = migrate_on_start
-        # write_usage's two statements, built once: building them (and their cache keys) for
-        # every batch cost more than writing a small batch (PostgreSQL: 4.0 -> 1.5 ms of CPU
-        # for one record, SQLite: 2.1 -> 1.1 ms).
-        self._insert_records = (
+        insert_daily = self._insert_many(usage_daily, _DAILY_COLUMNS)
+        upsert_daily = insert_daily.on_conflict_do_update(
+            index_elements=[usage_daily.c[name] for name in _DAILY_KEY],
+            set_={name: usage_daily.c[name] + insert_daily.excluded[name] for name in _COUNTERS},
+        )
+        insert_records = (
             self._insert_many(usage_records, _RECORD_COLUMNS)
             .on_conflict_do_nothing(index_elements=[usage_records.c.id])
             .returning(usage_records.c.id)
         )
-        insert_daily = self._insert_many(usage_daily, _DAILY_COLUMNS)
-        self._upsert_daily = insert_daily.on_conflict_do_update(
-            index_elements=[usage_daily.c[name] for name in _DAILY_KEY],
-            set_={name: usage_daily.c[name] + insert_daily.excluded[name] for name in _COUNTERS},
+        self._usage_sql = _UsageSql(
+            self._sqlite, self._engine.dialect, insert_records, upsert_daily
         )
 
     async def start(self) -> None:
@@ -116,15 +124,6 @@ class SqlStore:
         ]
         source = func.unnest(*arrays).table_valued(*names).render_derived()
         return postgresql.insert(table).from_select(list(names), select(source))
-
-    def _many(
-        self, names: Sequence[str], rows: Sequence[Mapping[str, Any]]
-    ) -> list[Mapping[str, Any]] | dict[str, list[Any]]:
-        """Parameters for an :meth:`_insert_many` statement: the rows (SQLite), or one list per
-        column (PostgreSQL)."""
-        if self._sqlite:
-            return list(rows)
-        return {name: [row[name] for row in rows] for name in names}
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -204,9 +203,9 @@ class SqlStore:
             return 0
         # Ascending ids and aggregate keys: concurrent writers take row locks in one order.
         ordered = sorted(records, key=lambda r: r.id)
-        params = self._many(_RECORD_COLUMNS, [_record_to_row(r) for r in ordered])
+        rows = [_record_values(r) for r in ordered]
         async with self._engine.begin() as conn:
-            inserted = set((await conn.execute(self._insert_records, params)).scalars())
+            inserted = await self._usage_sql.insert_records(conn, rows)
             if not inserted:
                 return 0
             new: list[UsageRecord] = []
@@ -215,16 +214,10 @@ class SqlStore:
                     inserted.discard(record.id)
                     new.append(record)
             daily = [
-                {
-                    "day": day,
-                    "key_id": key_id,
-                    "team_id": team_id,
-                    "model": model,
-                    **{name: getattr(totals, name) for name in _COUNTERS},
-                }
+                (day, key_id, team_id, model, *(getattr(totals, name) for name in _COUNTERS))
                 for (day, key_id, team_id, model), totals in sorted(aggregate(new).items())
             ]
-            await conn.execute(self._upsert_daily, self._many(_DAILY_COLUMNS, daily))
+            await self._usage_sql.upsert_daily(conn, daily)
         return len(new)
 
     async def usage_summary(
@@ -280,6 +273,76 @@ class SqlStore:
     async def count_usage_records(self) -> int:
         async with self._engine.connect() as conn:
             return int(await conn.scalar(select(func.count()).select_from(usage_records)) or 0)
+
+
+class _UsageSql:
+    """:meth:`SqlStore.write_usage`'s two statements, built once, run as the driver's SQL.
+
+    Rows are tuples in ``_RECORD_COLUMNS`` / ``_DAILY_COLUMNS`` order. PostgreSQL: the unnest
+    statements compiled once, each parameter an array in binary format (``%(name)b``).
+    SQLite: the records as multi-row ``VALUES`` with one flat tuple of parameters, in chunks
+    of a power of two rows (at most ``_SQLITE_ROWS``: SQLite's limit on parameters), so that
+    the connection's prepared statements are reused: compiling a new 200-row statement for
+    each batch cost SQLite more than inserting the rows. The few aggregate rows go through
+    SQLAlchemy.
+    """
+
+    def __init__(
+        self,
+        embedded: bool,
+        dialect: Dialect,
+        insert_records: ClauseElement,
+        upsert_daily: postgresql.Insert | sqlite.Insert,
+    ) -> None:
+        self._sqlite = embedded
+        self._upsert_daily = upsert_daily
+        if embedded:
+            columns = ", ".join(_RECORD_COLUMNS)
+            values = f"({', '.join('?' * len(_RECORD_COLUMNS))})"
+            # Names from this module's constants, values all parameters.
+            self._sqlite_inserts = {
+                rows: f"INSERT INTO {usage_records.name} ({columns}) VALUES "  # noqa: S608
+                + ", ".join([values] * rows)
+                + " ON CONFLICT (id) DO NOTHING RETURNING id"
+                for rows in (1 << bit for bit in range(_SQLITE_ROWS.bit_length()))
+            }
+        else:
+            self._insert_records_sql = _binary_parameters(insert_records, dialect)
+            self._upsert_daily_sql = _binary_parameters(upsert_daily, dialect)
+
+    async def insert_records(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> set[str]:
+        """Insert the rows whose ids are new; return those ids."""
+        if not self._sqlite:
+            columns = dict(zip(_RECORD_COLUMNS, map(list, zip(*rows, strict=True)), strict=True))
+            result = await conn.exec_driver_sql(self._insert_records_sql, columns)
+            return set(result.scalars())
+        inserted: set[str] = set()
+        start = 0
+        while start < len(rows):
+            size = min(_SQLITE_ROWS, 1 << ((len(rows) - start).bit_length() - 1))
+            params = tuple(value for row in rows[start : start + size] for value in row)
+            result = await conn.exec_driver_sql(self._sqlite_inserts[size], params)
+            inserted.update(result.scalars())
+            start += size
+        return inserted
+
+    async def upsert_daily(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+        """Add the rows to the per-day aggregates."""
+        if self._sqlite:
+            await conn.execute(
+                self._upsert_daily, [dict(zip(_DAILY_COLUMNS, row, strict=True)) for row in rows]
+            )
+            return
+        columns = dict(zip(_DAILY_COLUMNS, map(list, zip(*rows, strict=True)), strict=True))
+        await conn.exec_driver_sql(self._upsert_daily_sql, columns)
+
+
+def _binary_parameters(statement: ClauseElement, dialect: Dialect) -> str:
+    """``statement`` compiled for psycopg, its ``%(name)s`` parameters in binary format."""
+    compiled = statement.compile(dialect=dialect)
+    sql, count = re.subn(r"%\((\w+)\)s", r"%(\1)b", str(compiled))
+    assert count == len(compiled.params), "every parameter is a named one"
+    return sql
 
 
 def _array_element(column_type: TypeEngine[Any]) -> TypeEngine[Any]:
@@ -388,27 +451,53 @@ def _row_to_team(row: Row[Any]) -> Team:
     )
 
 
-def _record_to_row(record: UsageRecord) -> dict[str, Any]:
+_RECORD_COLUMNS = (
+    "id",
+    "request_id",
+    "created_at",
+    "operation",
+    "key_id",
+    "team_id",
+    "model",
+    "requested_model",
+    "deployment",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost_micro_usd",
+    "baseline_cost_micro_usd",
+    "latency_ms",
+    "status",
+    "error",
+    "cache_hit",
+    "degraded",
+    "stream",
+)
+_SQLITE_ROWS = 1024  # 20 parameters a row; SQLite takes at most 32,766 per statement
+
+
+def _record_values(record: UsageRecord) -> tuple[Any, ...]:
+    """A record's row, in ``_RECORD_COLUMNS`` order."""
     # Coerced to one Python type per column: psycopg sends a list as an array of one type.
-    return {
-        "id": record.id,
-        "request_id": record.request_id,
-        "created_at": float(record.created_at),
-        "operation": record.operation,
-        "key_id": record.key_id,
-        "team_id": record.team_id,
-        "model": record.model,
-        "requested_model": record.requested_model,
-        "deployment": record.deployment,
-        "prompt_tokens": int(record.prompt_tokens),
-        "completion_tokens": int(record.completion_tokens),
-        "cached_tokens": int(record.cached_tokens),
-        "cost_micro_usd": int(record.cost_micro_usd),
-        "baseline_cost_micro_usd": int(record.baseline_cost_micro_usd),
-        "latency_ms": float(record.latency_ms),
-        "status": int(record.status),
-        "error": record.error,
-        "cache_hit": bool(record.cache_hit),
-        "degraded": bool(record.degraded),
-        "stream": bool(record.stream),
-    }
+    return (
+        record.id,
+        record.request_id,
+        float(record.created_at),
+        record.operation,
+        record.key_id,
+        record.team_id,
+        record.model,
+        record.requested_model,
+        record.deployment,
+        int(record.prompt_tokens),
+        int(record.completion_tokens),
+        int(record.cached_tokens),
+        int(record.cost_micro_usd),
+        int(record.baseline_cost_micro_usd),
+        float(record.latency_ms),
+        int(record.status),
+        record.error,
+        bool(record.cache_hit),
+        bool(record.degraded),
+        bool(record.stream),
+    )
