@@ -65,6 +65,8 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Executable,
+    Float,
+    Integer,
     Row,
     Select,
     String,
@@ -116,6 +118,9 @@ WEBHOOK_LEASE_S = 30.0
 """How long :meth:`SqlJobQueue.due_webhooks` leases an outbox item to its deliverer."""
 
 _EXPIRE_BATCH = 1000  # deadline sweeps per claim: bounds one claim's transaction
+# Claims fail overdue jobs at most this often (a claim never starts an overdue job either way:
+# its own query skips them; the sweep only marks them failed, a second or so later).
+EXPIRE_SWEEP_S = 1.0
 _QUEUED = JobStatus.QUEUED.value
 _RUNNING = JobStatus.RUNNING.value
 
@@ -152,6 +157,8 @@ class SqlJobQueue:
         self._write_lock = asyncio.Lock() if self._sqlite else None
         self._clock = clock
         self._migrate_on_start = migrate_on_start
+        self._next_sweep_at = float("-inf")  # the next claim that fails overdue jobs
+        self._take_statement: Executable | None = None
 
     async def start(self) -> None:
         if self._migrate_on_start:
@@ -338,8 +345,11 @@ class SqlJobQueue:
 
     async def claim(self, worker: str, limit: int, lease_s: float) -> list[Job]:
         now = self._clock()
+        sweep = now >= self._next_sweep_at
+        if sweep:
+            self._next_sweep_at = now + EXPIRE_SWEEP_S
         async with self._write() as conn:
-            expired = await self._expire(conn, now)
+            expired = await self._expire(conn, now) if sweep else []
             rows = await self._take(conn, worker, limit, lease_s, now) if limit > 0 else []
             claimed = [_row_to_job(row) for row in rows]
             changes: list[tuple[Job, int, Mapping[str, Any]]] = [
@@ -378,31 +388,35 @@ class SqlJobQueue:
         self, conn: AsyncConnection, worker: str, limit: int, lease_s: float, now: float
     ) -> list[Row[Any]]:
         """Lease up to ``limit`` runnable jobs to ``worker``; their rows, in queue order."""
-        c = jobs.c
-        runnable = (
-            select(c.id)
-            .where(
-                _in_state(JobStatus.QUEUED),
-                c.run_after <= now,
-                or_(c.deadline_at.is_(None), c.deadline_at > now),
+        if self._take_statement is None:
+            c = jobs.c
+            now_ = bindparam("now", type_=Float())
+            runnable = (
+                select(c.id)
+                .where(
+                    _in_state(JobStatus.QUEUED),
+                    c.run_after <= now_,
+                    or_(c.deadline_at.is_(None), c.deadline_at > now_),
+                )
+                .order_by(c.priority_rank.desc(), c.fair_seq, c.created_at)
+                .limit(bindparam("limit", type_=Integer()))
+                .with_for_update(skip_locked=True)
             )
-            .order_by(c.priority_rank.desc(), c.fair_seq, c.created_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        claimed = await conn.execute(
-            update(jobs)
-            .where(self._among(c.id, runnable))
-            .values(
-                status=_RUNNING,
-                attempts=c.attempts + 1,
-                started_at=now,
-                lease_owner=worker,
-                lease_expires_at=now + lease_s,
-                event_seq=c.event_seq + 1,
+            self._take_statement = (
+                update(jobs)
+                .where(self._among(c.id, runnable))
+                .values(
+                    status=_RUNNING,
+                    attempts=c.attempts + 1,
+                    started_at=now_,
+                    lease_owner=bindparam("worker", type_=Text()),
+                    lease_expires_at=bindparam("expires", type_=Float()),
+                    event_seq=c.event_seq + 1,
+                )
+                .returning(*jobs.c)
             )
-            .returning(*jobs.c)
-        )
+        params = {"now": now, "limit": limit, "worker": worker, "expires": now + lease_s}
+        claimed = await conn.execute(self._take_statement, params)
         # RETURNING comes in no particular order.
         return sorted(claimed, key=lambda r: (-r.priority_rank, r.fair_seq, r.created_at, r.id))
 
@@ -438,10 +452,13 @@ class SqlJobQueue:
                 rows = await self._complete_each(conn, worker, completions, now)
             else:
                 rows = await self._complete_set(conn, worker, completions, now)
-            finished = [(row, {"attempt": row.attempts}) for row in rows.values()]
-            await self._record(conn, finished, now)
-        answers = [rows.get(done.job_id) for done in completions]
-        return [None if row is None else _row_to_job(row) for row in answers]
+            done = {job_id: _row_to_job(row) for job_id, row in rows.items()}
+            changes = [
+                (job, row.event_seq, {"attempt": job.attempts})
+                for job, row in zip(done.values(), rows.values(), strict=True)
+            ]
+            await self._append(conn, changes, now)
+        return [done.get(completion.job_id) for completion in completions]
 
     async def _complete_each(
         self, conn: AsyncConnection, worker: str, completions: Sequence[Completion], now: float

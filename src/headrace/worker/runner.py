@@ -40,6 +40,7 @@ log = structlog.get_logger("headrace")
 PrincipalOf = Callable[[str], Awaitable[Principal | None]]
 TRANSIENT_STATUSES = frozenset({408, 409, 429, 499, 500, 502, 503, 504})
 COMPLETION_BATCH_S = 0.005  # results wait at most this long to share a transaction
+CLAIM_GATHER_S = 0.02  # after a claim that found fewer jobs than it asked for
 
 
 class JobRunner:
@@ -141,6 +142,10 @@ class JobRunner:
                 task.add_done_callback(functools.partial(self._done, job.id))
             if jobs:
                 idle = self._idle_poll_s / 8
+                if len(jobs) < self._claim_batch:
+                    # The queue is running dry: let the next jobs gather for a moment rather
+                    # than pay a claim transaction for each one or two.
+                    await asyncio.sleep(CLAIM_GATHER_S)
                 continue
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
