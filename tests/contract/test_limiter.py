@@ -321,3 +321,35 @@ async def test_an_unreachable_redis_raises_limiter_unavailable_quickly(
         await call(limiter)
     assert time.perf_counter() - started < 0.5
     await limiter.aclose()
+
+
+async def test_redis_closing_the_connections_costs_no_call(redis_url: str | None) -> None:
+    # As after a Redis restart: the pooled connections are dead, the next calls reconnect.
+    if not redis_url:
+        pytest.skip(NO_REDIS)
+    from redis.asyncio import Redis
+
+    from headrace.limits.redis import RedisLimiter
+
+    name = f"headrace-test-{uuid.uuid4().hex}"
+    prefix = f"headrace-test:lim:{uuid.uuid4().hex}:"
+    limiter = RedisLimiter(f"{redis_url}?client_name={name}", prefix=prefix, timeout_s=5.0)
+    client = Redis.from_url(redis_url)
+    try:
+        demands = [rpm(10), Demand("key:k1:parallel", CONCURRENCY, 5, 1, 60.0)]
+        calls = [limiter.acquire(demands, f"r{n}") for n in range(3)]  # three connections
+        assert all(d.allowed for d in await asyncio.gather(*calls))
+        ids = [c["id"] for c in await client.client_list() if c.get("name") == name]
+        assert ids
+        for client_id in ids:
+            await client.client_kill_filter(_id=client_id)
+        assert (await limiter.acquire(demands, "r3")).allowed
+        assert await limiter.settle([settle_of(d) for d in demands], "r3") == (4, 3)
+        await limiter.check()
+        assert await limiter.first_time("flag", 10.0)
+    finally:
+        await limiter.aclose()
+        names = [n async for n in client.scan_iter(match=f"{prefix}*")]
+        if names:
+            await client.delete(*names)
+        await client.aclose()

@@ -27,17 +27,23 @@ Failures: every Redis error, including a connect or read timeout after ``timeout
 pooled connection free within it, raises :class:`LimiterUnavailableError` (the
 :class:`~headrace.limits.fallback.FallbackLimiter` then limits locally). Connections open
 lazily, so a Redis that is down does not stop the gateway from starting.
+
+Commands go straight to redis-py's connections (:class:`_Connections`), not through its
+client, and are encoded here: per command, the client's retry wrapper, observability hooks,
+pool checkout (which polls each connection's socket), argument encoding and a task for each
+socket write's timeout cost the gateway more CPU than the command's own I/O.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
 from headrace.limits.base import (
     CounterState,
@@ -226,6 +232,92 @@ return out
 """
 
 
+class _Connections:
+    """redis-py connections, one command and its reply at a time on each, at most ``limit``.
+
+    ``timeout_s`` bounds connecting, each reply, and the wait for a free connection. A
+    command that meets a broken connection (they go stale when Redis restarts) is sent once
+    more on a fresh one, as redis-py's client does with one retry; timeouts are not retried.
+    A connection that failed, or whose caller was cancelled mid-reply, has already
+    disconnected itself and reconnects when next used.
+    """
+
+    def __init__(self, url: str, *, limit: int, timeout_s: float) -> None:
+        # Used only to parse the URL into connection settings. No socket_timeout: call() times
+        # the whole command (redis-py would start a task to time each write).
+        pool = ConnectionPool.from_url(url, socket_connect_timeout=timeout_s)
+        self._connection_class = pool.connection_class
+        self._settings = pool.connection_kwargs
+        self.where = self._settings.get("path") or (
+            f"{self._settings.get('host')}:{self._settings.get('port')}"
+        )
+        self._timeout_s = timeout_s
+        self._free = asyncio.BoundedSemaphore(limit)
+        self._idle: list[AbstractConnection] = []
+
+    async def call(self, *args: str | int) -> Any:
+        """Send one command and return its reply; raise redis-py's errors."""
+        command = _encode(args)
+        if self._free.locked():
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await self._free.acquire()
+            except TimeoutError:
+                raise redis_errors.ConnectionError("no connection free in time") from None
+        else:
+            await self._free.acquire()  # at once
+        connection = self._idle.pop() if self._idle else self._connection()
+        try:
+            try:
+                return await self._send(connection, command)
+            except redis_errors.ConnectionError:
+                return await self._send(connection, command)  # reconnects first
+        finally:
+            self._idle.append(connection)
+            self._free.release()
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await connection.disconnect()
+
+    def _connection(self) -> AbstractConnection:
+        return self._connection_class(**self._settings)
+
+    async def _send(self, connection: AbstractConnection, command: bytes) -> Any:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await connection.send_packed_command(command, check_health=False)
+                return await connection.read_response()
+        except TimeoutError:  # the connection disconnected itself when cancelled
+            raise redis_errors.TimeoutError(f"no reply within {self._timeout_s} s") from None
+
+
+def _encode(args: Sequence[str | int]) -> bytes:
+    """One command in RESP (an array of bulk strings)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Script:
+    """A Lua script run by ``EVALSHA``, loaded again when Redis has lost it (a restart)."""
+
+    def __init__(self, source: str) -> None:
+        self._source = source
+        self._sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, connections: _Connections, keys: list[str], *args: str) -> Any:
+        """``EVALSHA`` with ``keys`` and ``args``; the reply."""
+        try:
+            return await connections.call("EVALSHA", self._sha, len(keys), *keys, *args)
+        except redis_errors.NoScriptError:
+            await connections.call("SCRIPT", "LOAD", self._source)
+            return await connections.call("EVALSHA", self._sha, len(keys), *keys, *args)
+
+
 class RedisLimiter:
     """The :class:`~headrace.limits.base.Limiter` shared through Redis (see the module doc).
 
@@ -242,20 +334,11 @@ class RedisLimiter:
         timeout_s: float = 0.5,
         max_connections: int = 100,
     ) -> None:
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
-        )
-        self._client = Redis.from_pool(pool)
-        kwargs = pool.connection_kwargs
-        self._where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        self._redis = _Connections(url, limit=max_connections, timeout_s=timeout_s)
+        self._where = self._redis.where
         self._prefix = prefix
-        self._acquire = self._client.register_script(_LUA_COMMON + _LUA_ACQUIRE)
-        self._settle = self._client.register_script(_LUA_COMMON + _LUA_SETTLE)
+        self._acquire = _Script(_LUA_COMMON + _LUA_ACQUIRE)
+        self._settle = _Script(_LUA_COMMON + _LUA_SETTLE)
 
     async def start(self) -> None:
         """Nothing: connections open on first use (see :meth:`check`)."""
@@ -272,7 +355,7 @@ class RedisLimiter:
             ]
         )
         try:
-            reply = [int(x) for x in await self._acquire(keys=keys, args=[lease, packed])]
+            reply = [int(x) for x in await self._acquire(self._redis, keys, lease, packed)]
         except _FAILURES as exc:
             raise self._unavailable(exc) from exc
         states = tuple(
@@ -294,7 +377,7 @@ class RedisLimiter:
             [f"{_KIND[s.kind]} {s.delta} {s.limit} {_micros(s.window_s)}" for s in settlements]
         )
         try:
-            reply = await self._settle(keys=keys, args=[lease, packed])
+            reply = await self._settle(self._redis, keys, lease, packed)
         except _FAILURES as exc:
             raise self._unavailable(exc) from exc
         return tuple(int(x) for x in reply)
@@ -302,7 +385,7 @@ class RedisLimiter:
     async def first_time(self, flag: str, ttl_s: float) -> bool:
         ttl_ms = max(1, math.ceil(ttl_s * 1000))
         try:
-            won = await self._client.set(f"{self._prefix}f:{flag}", b"1", nx=True, px=ttl_ms)
+            won = await self._redis.call("SET", f"{self._prefix}f:{flag}", "1", "NX", "PX", ttl_ms)
         except _FAILURES as exc:
             raise self._unavailable(exc) from exc
         return bool(won)
@@ -310,13 +393,13 @@ class RedisLimiter:
     async def check(self) -> None:
         """``PING``; raise :class:`LimiterUnavailableError` if Redis does not answer."""
         try:
-            await self._client.ping()
+            await self._redis.call("PING")
         except _FAILURES as exc:
             raise self._unavailable(exc) from exc
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._client.aclose()
+        """Close the connections."""
+        await self._redis.aclose()
 
     def _unavailable(self, exc: BaseException) -> LimiterUnavailableError:
         """What every Redis failure becomes (raise it ``from`` the failure)."""
