@@ -14,8 +14,8 @@ final and the job has a ``webhook_url``, inserts a ``webhook_outbox`` row.
   ``FOR UPDATE SKIP LOCKED``, so concurrent claimers never wait for each other nor take the
   same row. ``claim`` is one ``UPDATE jobs ... WHERE id = ANY(ARRAY(SELECT id ... ORDER BY
   ... LIMIT n FOR UPDATE SKIP LOCKED)) RETURNING *`` (the array form, not ``IN``: see
-  :meth:`SqlJobQueue._among`). ``submit_many`` inserts with ``INSERT ... SELECT FROM
-  unnest(<one array per column>)``, as the store writes usage (docs/adr/0008).
+  :meth:`SqlJobQueue._among`). ``submit_many`` and the events insert with ``INSERT ...
+  SELECT FROM json_populate_recordset(<one JSON array of rows>)``.
 - SQLite: write transactions start with ``BEGIN IMMEDIATE`` (they take the database's write
   lock first, so a read-then-write transaction can never fail half way with "database is
   locked" when another process writes the same file; ``busy_timeout`` makes the others
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -62,14 +63,12 @@ from typing import Any
 
 import orjson
 from sqlalchemy import (
-    BigInteger,
     ColumnElement,
     Executable,
     Float,
     Integer,
     Row,
     Select,
-    String,
     Table,
     Text,
     any_,
@@ -89,7 +88,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.types import TypeEngine
 
 from headrace.domain import Job, JobEvent, JobKind, JobStatus, Priority
 from headrace.queue.base import (
@@ -208,8 +206,10 @@ class SqlJobQueue:
     ) -> None:
         """Insert ``rows`` (all with the same keys) in one statement.
 
-        PostgreSQL: ``INSERT ... SELECT * FROM unnest(:col1, :col2, ...)``, one array per
-        column (one parameter per column, whatever the number of rows; docs/adr/0008).
+        PostgreSQL: ``INSERT ... SELECT ... FROM json_populate_recordset(...)``: one JSON
+        parameter, whatever the number of rows; orjson writes it in microseconds, where
+        psycopg's dumping of one array per column (``unnest``, docs/adr/0008) was a third of
+        a batch's CPU.
         SQLite: executemany, which SQLAlchemy sends as multi-row ``VALUES``.
         """
         if not rows:
@@ -217,10 +217,8 @@ class SqlJobQueue:
         if self._sqlite:
             await conn.execute(insert(table), list(rows))
             return
-        names = tuple(rows[0])
-        await conn.execute(
-            _unnest_insert(table, names), {name: [row[name] for row in rows] for name in names}
-        )
+        statement = _json_insert(table, tuple(rows[0]))
+        await conn.execute(statement, {"rows": orjson.dumps(rows).decode()})
 
     # -- submission ---------------------------------------------------------------------------
 
@@ -307,28 +305,14 @@ class SqlJobQueue:
         One round trip: the smallest tag per priority and the largest per (tenant, priority),
         each a scalar subquery that reads one end of an index range.
         """
-        c = jobs.c
         ranks = sorted({job.priority.rank for job in new})
         lanes = sorted({(_tenant(job), job.priority.rank) for job in new})
-        queued = _in_state(JobStatus.QUEUED)
-        # ORDER BY ... LIMIT 1 rather than MIN/MAX: an index read whatever the statistics say.
-        heads = [
-            select(c.fair_seq)
-            .where(queued, c.priority_rank == rank, c.run_after <= now)
-            .order_by(c.fair_seq)
-            .limit(1)
-            .scalar_subquery()
-            for rank in ranks
-        ]
-        lasts = [
-            select(c.fair_seq)
-            .where(c.tenant == tenant, queued, c.priority_rank == rank)
-            .order_by(c.fair_seq.desc())
-            .limit(1)
-            .scalar_subquery()
-            for tenant, rank in lanes
-        ]
-        found = (await conn.execute(select(*heads, *lasts))).one()
+        params: dict[str, Any] = {"now": now}
+        params |= {f"rank_{i}": rank for i, rank in enumerate(ranks)}
+        for i, (tenant, rank) in enumerate(lanes):
+            params |= {f"tenant_{i}": tenant, f"lane_rank_{i}": rank}
+        statement = _tags_query(len(ranks), len(lanes))
+        found = (await conn.execute(statement, params)).one()
         head = dict(zip(ranks, found[: len(ranks)], strict=True))
         following = {
             lane: max(int(last or 0) + 1, int(head[lane[1]] or 1))
@@ -501,13 +485,10 @@ class SqlJobQueue:
         """
         ids = sorted({done.job_id for done in completions})
         await conn.execute(_LOCK_LEASED, {"ids": ids, "worker": worker})
-        params = {
-            "ids": [done.job_id for done in completions],
-            "results": [_dumps(done.result) for done in completions],
-            "costs": [int(done.cost_micro_usd) for done in completions],
-            "worker": worker,
-            "now": now,
-        }
+        done = [
+            {"id": c.job_id, "result": c.result, "cost": int(c.cost_micro_usd)} for c in completions
+        ]
+        params = {"done": orjson.dumps(done).decode(), "worker": worker, "now": now}
         updated = await conn.execute(_COMPLETE_SET, params)
         return {row.id: row for row in updated}
 
@@ -951,26 +932,61 @@ def job_view(job: Job) -> dict[str, Any]:
 
 
 # An expired job's error; OpenAI-shaped, plus its HTTP-like status.
-def _unnest_insert(table: Table, names: tuple[str, ...]) -> Executable:
-    """PostgreSQL: ``INSERT INTO table (names) SELECT * FROM unnest(:name1, :name2, ...)``,
-    each parameter an array of that column's values (built once per table and columns)."""
+@functools.lru_cache(maxsize=256)
+def _tags_query(ranks: int, lanes: int) -> Executable:
+    """The fairness tags' one round trip for ``ranks`` priorities and ``lanes`` (tenant,
+    priority) pairs: the smallest tag per priority and the largest per lane, each a scalar
+    subquery that reads one end of an index range (ORDER BY ... LIMIT 1 rather than MIN/MAX:
+    an index read whatever the statistics say). Built once per shape."""
+    c = jobs.c
+    queued = _in_state(JobStatus.QUEUED)
+    now = bindparam("now", type_=Float())
+    heads = [
+        select(c.fair_seq)
+        .where(queued, c.priority_rank == bindparam(f"rank_{i}"), c.run_after <= now)
+        .order_by(c.fair_seq)
+        .limit(1)
+        .scalar_subquery()
+        for i in range(ranks)
+    ]
+    lasts = [
+        select(c.fair_seq)
+        .where(
+            c.tenant == bindparam(f"tenant_{i}"),
+            queued,
+            c.priority_rank == bindparam(f"lane_rank_{i}"),
+        )
+        .order_by(c.fair_seq.desc())
+        .limit(1)
+        .scalar_subquery()
+        for i in range(lanes)
+    ]
+    return select(*heads, *lasts)
+
+
+def _json_insert(table: Table, names: tuple[str, ...]) -> Executable:
+    """PostgreSQL: ``INSERT INTO table (names) SELECT names FROM
+    json_populate_recordset(NULL::table, :rows)``, ``:rows`` one JSON array of row objects
+    (built once per table and columns)."""
     key = (table.name, names)
-    statement = _UNNEST_INSERTS.get(key)
+    statement = _JSON_INSERTS.get(key)
     if statement is None:
-        arrays = [
-            cast(bindparam(name), postgresql.ARRAY(_array_element(table.c[name].type)))
-            for name in names
-        ]
-        source = func.unnest(*arrays).table_valued(*names).render_derived()
-        statement = postgresql.insert(table).from_select(list(names), select(source))
-        _UNNEST_INSERTS[key] = statement
+        rows = cast(bindparam("rows", type_=Text()), postgresql.JSON())
+        source = func.json_populate_recordset(
+            literal_column(f"CAST(NULL AS {table.name})"), rows
+        ).table_valued(*names)
+        statement = postgresql.insert(table).from_select(
+            list(names), select(*(source.c[name] for name in names))
+        )
+        _JSON_INSERTS[key] = statement
     return statement
 
 
-_UNNEST_INSERTS: dict[tuple[str, tuple[str, ...]], Executable] = {}
+_JSON_INSERTS: dict[tuple[str, tuple[str, ...]], Executable] = {}
 
 # PostgreSQL, complete_many: lock the rows still leased to the worker in id order, then set
-# them succeeded from one array per field.
+# them succeeded from one JSON array of {id, result, cost}. The result arrives as ``json``,
+# whose text is kept as sent: stored as is, not encoded twice.
 _LOCK_LEASED = (
     select(jobs.c.id)
     .where(
@@ -981,33 +997,13 @@ _LOCK_LEASED = (
     .order_by(jobs.c.id)
     .with_for_update()
 )
-_DONE = (
-    func.unnest(
-        cast(bindparam("ids"), postgresql.ARRAY(Text())),
-        cast(bindparam("results"), postgresql.ARRAY(Text())),
-        cast(bindparam("costs"), postgresql.ARRAY(BigInteger())),
-    )
-    .table_valued("id", "result", "cost", name="done")
-    .render_derived()
-)
-_COMPLETE_SET = (
-    update(jobs)
-    .where(
-        jobs.c.id == _DONE.c.id,
-        jobs.c.status == _RUNNING,
-        jobs.c.lease_owner == bindparam("worker"),
-    )
-    .values(
-        status=JobStatus.SUCCEEDED.value,
-        result=_DONE.c.result,
-        error=None,
-        cost_micro_usd=_DONE.c.cost,
-        finished_at=bindparam("now"),
-        lease_owner=None,
-        lease_expires_at=None,
-        event_seq=jobs.c.event_seq + 1,
-    )
-    .returning(*jobs.c)
+_COMPLETE_SET = text(
+    "UPDATE jobs SET status = 'succeeded', result = CAST(done.result AS text), error = NULL,"
+    " cost_micro_usd = done.cost, finished_at = :now, lease_owner = NULL,"
+    " lease_expires_at = NULL, event_seq = jobs.event_seq + 1"
+    " FROM json_to_recordset(CAST(:done AS json)) AS done(id text, result json, cost bigint)"
+    " WHERE jobs.id = done.id AND jobs.status = 'running' AND jobs.lease_owner = :worker"
+    " RETURNING jobs.*"
 )
 
 _EXPIRED: dict[str, Any] = {
@@ -1056,11 +1052,6 @@ def _dumps_or_none(value: Mapping[str, Any] | None) -> str | None:
 
 def _loads_or_none(value: str | None) -> Any:
     return None if value is None else orjson.loads(value)
-
-
-def _array_element(column_type: TypeEngine[Any]) -> TypeEngine[Any]:
-    # Strings travel as text[]: a cast to varchar(n)[] would cut long values silently.
-    return Text() if isinstance(column_type, String) else column_type
 
 
 def _job_to_row(job: Job, fair_seq: int) -> dict[str, Any]:
