@@ -54,3 +54,17 @@ def test_bad_config_exits_2_with_the_reason(tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", "--config", str(config)])
     assert result.exit_code == 2
     assert "sever: unknown key" in result.output
+
+
+def test_a_worker_admits_as_many_model_calls_as_it_runs_jobs() -> None:
+    from headrace.cli.jobs import worker_settings
+    from headrace.config import Settings
+
+    default = Settings()
+    assert default.router.admission.max_concurrent < 3000
+    big = worker_settings(default, 3000)
+    assert big.jobs.concurrency == 3000
+    assert big.router.admission.max_concurrent == 3000
+    small = worker_settings(default, 10)  # never lowered
+    assert small.router.admission.max_concurrent == default.router.admission.max_concurrent
+    assert worker_settings(default, None).jobs.concurrency == default.jobs.concurrency

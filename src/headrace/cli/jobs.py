@@ -19,9 +19,26 @@ from headrace.cli._common import (
     app,
     settings_from,
 )
+from headrace.config import Settings
 
 jobs_app = typer.Typer(help="Inspect, replay and discard dead-letter jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+
+
+def worker_settings(settings: Settings, concurrency: int | None) -> Settings:
+    """A worker's settings: ``--concurrency`` over ``jobs.concurrency``, and model calls
+    admitted at once (``router.admission.max_concurrent``) at least that many. A worker's
+    calls are its jobs, already bounded by ``jobs.concurrency``; a lower admission limit would
+    queue the rest, then shed them with 503 and make them retry."""
+    if concurrency is not None:
+        jobs = settings.jobs.model_copy(update={"concurrency": concurrency})
+        settings = settings.model_copy(update={"jobs": jobs})
+    admission = settings.router.admission
+    if admission.max_concurrent < settings.jobs.concurrency:
+        admission = admission.model_copy(update={"max_concurrent": settings.jobs.concurrency})
+        router = settings.router.model_copy(update={"admission": admission})
+        settings = settings.model_copy(update={"router": router})
+    return settings
 
 
 @app.command()
@@ -41,10 +58,7 @@ def worker(
     from headrace.wiring import build_runtime
     from headrace.worker.process import attach_workers
 
-    settings = settings_from(config)
-    if concurrency is not None:
-        jobs = settings.jobs.model_copy(update={"concurrency": concurrency})
-        settings = settings.model_copy(update={"jobs": jobs})
+    settings = worker_settings(settings_from(config), concurrency)
     configure_logging(settings.log.level, settings.log.format)
     runtime = build_runtime(settings, validate_job=validate_job)
     attach_workers(runtime, run_jobs=True)
