@@ -14,30 +14,20 @@ cell, and psycopg's client-side parsing of such a statement capped a writer near
 records/s; unnest sustains several times that (see docs/adr/0008). SQLite keeps
 multi-row ``VALUES``: it is in process, and fast that way.
 
-The usage statements are built once and run as the driver's SQL (:class:`_UsageSql`): the
-writer runs on the gateway's event loop, and SQLAlchemy's per-batch work (building and
-compiling the statement, and for SQLite its per-row parameter processing) cost more than the
-driver's. PostgreSQL's arrays travel in psycopg's binary format: its text format quotes every
-element through a regular expression, four times the cost.
+The two usage statements are built once and run as the driver's SQL
+(:mod:`headrace.store.usage_sql`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 from sqlalchemy import (
-    ClauseElement,
     ColumnElement,
     Row,
-    String,
     Table,
-    Text,
-    bindparam,
-    cast,
     delete,
     exists,
     func,
@@ -46,20 +36,16 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.types import TypeEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from headrace.domain import ApiKey, BudgetPeriod, Quota, Role, Team, UsageRecord
-from headrace.store.aggregates import NO_TEAM, DailyTotals, aggregate, utc_day
+from headrace.store.aggregates import NO_TEAM, aggregate, utc_day
 from headrace.store.base import GroupBy, UsageRow
 from headrace.store.engine import create_engine, is_sqlite
 from headrace.store.migrate import check_engine, upgrade_engine
 from headrace.store.schema import api_keys, teams, usage_daily, usage_records
+from headrace.store.usage_sql import COUNTERS, UsageSql, record_values
 
-_COUNTERS = tuple(f.name for f in dataclasses.fields(DailyTotals))  # usage_daily's sums
-_DAILY_KEY = ("day", "key_id", "team_id", "model")
-_DAILY_COLUMNS = (*_DAILY_KEY, *_COUNTERS)
 _GROUP_COLUMNS = {"day": "day", "key": "key_id", "team": "team_id", "model": "model"}
 
 
@@ -78,19 +64,7 @@ class SqlStore:
         self._engine: AsyncEngine = create_engine(url)
         self._sqlite = is_sqlite(self._engine.url)
         self._migrate_on_start = migrate_on_start
-        insert_daily = self._insert_many(usage_daily, _DAILY_COLUMNS)
-        upsert_daily = insert_daily.on_conflict_do_update(
-            index_elements=[usage_daily.c[name] for name in _DAILY_KEY],
-            set_={name: usage_daily.c[name] + insert_daily.excluded[name] for name in _COUNTERS},
-        )
-        insert_records = (
-            self._insert_many(usage_records, _RECORD_COLUMNS)
-            .on_conflict_do_nothing(index_elements=[usage_records.c.id])
-            .returning(usage_records.c.id)
-        )
-        self._usage_sql = _UsageSql(
-            self._sqlite, self._engine.dialect, insert_records, upsert_daily
-        )
+        self._usage_sql = UsageSql(self._engine.dialect)
 
     async def start(self) -> None:
         if self._migrate_on_start:
@@ -107,23 +81,6 @@ class SqlStore:
 
     def _insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
         return sqlite.insert(table) if self._sqlite else postgresql.insert(table)
-
-    def _insert_many(self, table: Table, names: Sequence[str]) -> postgresql.Insert | sqlite.Insert:
-        """An INSERT of many rows with the columns ``names``; see :meth:`_many` for its parameters.
-
-        PostgreSQL: one ``INSERT ... SELECT * FROM unnest(:col1, :col2, ...)`` taking one array
-        per column. SQLite: a plain INSERT executed with the list of rows (multi-row VALUES).
-        """
-        if self._sqlite:
-            return sqlite.insert(table)
-        # Strings travel as text[]: a cast to varchar(n)[] would cut long values silently,
-        # where the column's own assignment refuses them, as a plain INSERT does.
-        arrays = [
-            cast(bindparam(name), postgresql.ARRAY(_array_element(table.c[name].type)))
-            for name in names
-        ]
-        source = func.unnest(*arrays).table_valued(*names).render_derived()
-        return postgresql.insert(table).from_select(list(names), select(source))
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -203,7 +160,7 @@ class SqlStore:
             return 0
         # Ascending ids and aggregate keys: concurrent writers take row locks in one order.
         ordered = sorted(records, key=lambda r: r.id)
-        rows = [_record_values(r) for r in ordered]
+        rows = [record_values(r) for r in ordered]
         async with self._engine.begin() as conn:
             inserted = await self._usage_sql.insert_records(conn, rows)
             if not inserted:
@@ -214,7 +171,7 @@ class SqlStore:
                     inserted.discard(record.id)
                     new.append(record)
             daily = [
-                (day, key_id, team_id, model, *(getattr(totals, name) for name in _COUNTERS))
+                (day, key_id, team_id, model, *(getattr(totals, name) for name in COUNTERS))
                 for (day, key_id, team_id, model), totals in sorted(aggregate(new).items())
             ]
             await self._usage_sql.upsert_daily(conn, daily)
@@ -232,7 +189,7 @@ class SqlStore:
     ) -> Sequence[UsageRow]:
         fields = list(dict.fromkeys(group_by))
         groups = [usage_daily.c[_GROUP_COLUMNS[f]] for f in fields]
-        sums = [func.sum(usage_daily.c[name]).label(name) for name in _COUNTERS]
+        sums = [func.sum(usage_daily.c[name]).label(name) for name in COUNTERS]
         query = select(*groups, *sums).where(
             *_daily_filters(since_day, until_day, team_id, key_id, model)
         )
@@ -254,7 +211,7 @@ class SqlStore:
                     key_id=named.get("key"),
                     team_id=None if team == NO_TEAM else team,
                     model=named.get("model"),
-                    **{name: int(getattr(row, name)) for name in _COUNTERS},
+                    **{name: int(getattr(row, name)) for name in COUNTERS},
                 )
             )
         return out
@@ -273,80 +230,6 @@ class SqlStore:
     async def count_usage_records(self) -> int:
         async with self._engine.connect() as conn:
             return int(await conn.scalar(select(func.count()).select_from(usage_records)) or 0)
-
-
-class _UsageSql:
-    """:meth:`SqlStore.write_usage`'s two statements, built once, run as the driver's SQL.
-
-    Rows are tuples in ``_RECORD_COLUMNS`` / ``_DAILY_COLUMNS`` order. PostgreSQL: the unnest
-    statements compiled once, each parameter an array in binary format (``%(name)b``).
-    SQLite: the records as multi-row ``VALUES`` with one flat tuple of parameters, in chunks
-    of a power of two rows (at most ``_SQLITE_ROWS``: SQLite's limit on parameters), so that
-    the connection's prepared statements are reused: compiling a new 200-row statement for
-    each batch cost SQLite more than inserting the rows. The few aggregate rows go through
-    SQLAlchemy.
-    """
-
-    def __init__(
-        self,
-        embedded: bool,
-        dialect: Dialect,
-        insert_records: ClauseElement,
-        upsert_daily: postgresql.Insert | sqlite.Insert,
-    ) -> None:
-        self._sqlite = embedded
-        self._upsert_daily = upsert_daily
-        if embedded:
-            columns = ", ".join(_RECORD_COLUMNS)
-            values = f"({', '.join('?' * len(_RECORD_COLUMNS))})"
-            # Names from this module's constants, values all parameters.
-            self._sqlite_inserts = {
-                rows: f"INSERT INTO {usage_records.name} ({columns}) VALUES "  # noqa: S608
-                + ", ".join([values] * rows)
-                + " ON CONFLICT (id) DO NOTHING RETURNING id"
-                for rows in (1 << bit for bit in range(_SQLITE_ROWS.bit_length()))
-            }
-        else:
-            self._insert_records_sql = _binary_parameters(insert_records, dialect)
-            self._upsert_daily_sql = _binary_parameters(upsert_daily, dialect)
-
-    async def insert_records(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> set[str]:
-        """Insert the rows whose ids are new; return those ids."""
-        if not self._sqlite:
-            columns = dict(zip(_RECORD_COLUMNS, map(list, zip(*rows, strict=True)), strict=True))
-            result = await conn.exec_driver_sql(self._insert_records_sql, columns)
-            return set(result.scalars())
-        inserted: set[str] = set()
-        start = 0
-        while start < len(rows):
-            size = min(_SQLITE_ROWS, 1 << ((len(rows) - start).bit_length() - 1))
-            params = tuple(value for row in rows[start : start + size] for value in row)
-            result = await conn.exec_driver_sql(self._sqlite_inserts[size], params)
-            inserted.update(result.scalars())
-            start += size
-        return inserted
-
-    async def upsert_daily(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
-        """Add the rows to the per-day aggregates."""
-        if self._sqlite:
-            await conn.execute(
-                self._upsert_daily, [dict(zip(_DAILY_COLUMNS, row, strict=True)) for row in rows]
-            )
-            return
-        columns = dict(zip(_DAILY_COLUMNS, map(list, zip(*rows, strict=True)), strict=True))
-        await conn.exec_driver_sql(self._upsert_daily_sql, columns)
-
-
-def _binary_parameters(statement: ClauseElement, dialect: Dialect) -> str:
-    """``statement`` compiled for psycopg, its ``%(name)s`` parameters in binary format."""
-    compiled = statement.compile(dialect=dialect)
-    sql, count = re.subn(r"%\((\w+)\)s", r"%(\1)b", str(compiled))
-    assert count == len(compiled.params), "every parameter is a named one"
-    return sql
-
-
-def _array_element(column_type: TypeEngine[Any]) -> TypeEngine[Any]:
-    return Text() if isinstance(column_type, String) else column_type
 
 
 def _daily_filters(
@@ -448,56 +331,4 @@ def _row_to_team(row: Row[Any]) -> Team:
         quota=_row_to_quota(row),
         metadata=orjson.loads(row.metadata),
         created_at=row.created_at,
-    )
-
-
-_RECORD_COLUMNS = (
-    "id",
-    "request_id",
-    "created_at",
-    "operation",
-    "key_id",
-    "team_id",
-    "model",
-    "requested_model",
-    "deployment",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "cost_micro_usd",
-    "baseline_cost_micro_usd",
-    "latency_ms",
-    "status",
-    "error",
-    "cache_hit",
-    "degraded",
-    "stream",
-)
-_SQLITE_ROWS = 1024  # 20 parameters a row; SQLite takes at most 32,766 per statement
-
-
-def _record_values(record: UsageRecord) -> tuple[Any, ...]:
-    """A record's row, in ``_RECORD_COLUMNS`` order."""
-    # Coerced to one Python type per column: psycopg sends a list as an array of one type.
-    return (
-        record.id,
-        record.request_id,
-        float(record.created_at),
-        record.operation,
-        record.key_id,
-        record.team_id,
-        record.model,
-        record.requested_model,
-        record.deployment,
-        int(record.prompt_tokens),
-        int(record.completion_tokens),
-        int(record.cached_tokens),
-        int(record.cost_micro_usd),
-        int(record.baseline_cost_micro_usd),
-        float(record.latency_ms),
-        int(record.status),
-        record.error,
-        bool(record.cache_hit),
-        bool(record.degraded),
-        bool(record.stream),
     )
