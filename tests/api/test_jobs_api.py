@@ -17,6 +17,7 @@ from headrace.events.signing import verify
 from headrace.gateway.auth import new_key, new_secret
 from headrace.worker.process import webhook_secret
 from tests.conftest import AUTH, GatewayFactory, echo_models
+from tests.fakes.recording_store import RecordingStore
 
 CHAT = {"model": "echo", "messages": [{"role": "user", "content": "hello jobs"}]}
 FAST = JobsConfig(heartbeat_s=0.5, lease_s=2, retry_base_s=0.05, retry_cap_s=0.1, max_attempts=3)
@@ -213,7 +214,8 @@ async def test_queue_depth_per_priority_is_exported(gateway: GatewayFactory) -> 
 async def test_chat_idempotency_key_runs_once_and_replays_the_answer(
     gateway: GatewayFactory,
 ) -> None:
-    client, rt = await gateway(jobs=True, models=echo_models(delay_s=0.2))
+    store = RecordingStore()
+    client, rt = await gateway(jobs=True, models=echo_models(delay_s=0.2), store=store)
     headers = {**AUTH, "Idempotency-Key": "chat-1"}
     answers = await asyncio.gather(
         *(client.post("/v1/chat/completions", json=CHAT, headers=headers) for _ in range(5))
@@ -223,7 +225,13 @@ async def test_chat_idempotency_key_runs_once_and_replays_the_answer(
     assert sorted(a.headers.get("idempotent-replayed", "") for a in answers) == [""] + ["true"] * 4
     assert rt.usage is not None
     await rt.usage.flush()
-    assert await rt.store.count_usage_records() == 1  # one upstream call, billed once
+    # One record per request; one upstream call, billed once: the repeats cost nothing.
+    assert len(store.records) == 5
+    billed = [r for r in store.records if not r.cache_hit]
+    assert len(billed) == 1
+    assert billed[0].completion_tokens > 0
+    replays = [r for r in store.records if r.cache_hit]
+    assert {(r.status, r.cost_micro_usd, r.completion_tokens) for r in replays} == {(200, 0, 0)}
     other = await client.post(
         "/v1/chat/completions", json={**CHAT, "temperature": 1}, headers=headers
     )

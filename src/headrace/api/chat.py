@@ -69,5 +69,8 @@ async def _once(rt: Runtime, call: Call, chat: ChatRequest, key: str) -> Respons
         return answer.body, call.cost_micro_usd or 0
 
     body, replayed = await rt.jobs.once(call.principal, JobKind.CHAT, chat.body, key, run)
-    headers = {"Idempotent-Replayed": "true"} if replayed else {}
+    headers = {}
+    if replayed:
+        rt.gateway.record_replay(call, "chat")
+        headers["Idempotent-Replayed"] = "true"
     return Response(orjson.dumps(body), media_type="application/json", headers=headers)

@@ -227,6 +227,13 @@ class GatewayService:
             status = error.status if isinstance(error, HeadraceError) else 500
             self._write_usage(call, operation, status, type(error).__name__)
 
+    def record_replay(self, call: Call, operation: str) -> None:
+        """Account a request answered with the stored answer of an earlier one (a repeated
+        ``Idempotency-Key``): its own record, at no cost and marked as a cache hit, since it
+        made no upstream call."""
+        call.cache = HIT
+        self._write_usage(call, operation, 200, None)
+
     def _write_usage(
         self, call: Call, operation: str, status: int, error: str | None, *, stream: bool = False
     ) -> None:
