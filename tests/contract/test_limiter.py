@@ -353,3 +353,37 @@ async def test_redis_closing_the_connections_costs_no_call(redis_url: str | None
         if names:
             await client.delete(*names)
         await client.aclose()
+
+
+async def test_redis_a_cancelled_call_is_cancelled_and_the_next_ones_answer_in_order(
+    redis_url: str | None,
+) -> None:
+    # A caller cancelled while its command is on the wire (a client that left) must see the
+    # cancellation, and the connection must not hand its late reply to the next caller.
+    if not redis_url:
+        pytest.skip(NO_REDIS)
+    from redis.asyncio import Redis
+
+    from headrace.limits.redis import RedisLimiter
+
+    prefix = f"headrace-test:lim:{uuid.uuid4().hex}:"
+    limiter = RedisLimiter(redis_url, prefix=prefix, timeout_s=5.0, max_connections=1)
+    try:
+        parallel = Demand("key:k1:parallel", CONCURRENCY, 1000, 1, 60.0)
+        assert (await limiter.acquire([parallel], "warm")).allowed
+        for turns in range(1, 4):
+            call = asyncio.create_task(limiter.acquire([parallel, rpm(100)], f"c{turns}"))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            state = (await limiter.acquire([rpm(100, key="key:k2:rpm")], f"n{turns}")).states
+            assert [s.key for s in state] == ["key:k2:rpm"]
+    finally:
+        await limiter.aclose()
+        client = Redis.from_url(redis_url)
+        names = [n async for n in client.scan_iter(match=f"{prefix}*")]
+        if names:
+            await client.delete(*names)
+        await client.aclose()

@@ -243,9 +243,11 @@ class _Connections:
     """
 
     def __init__(self, url: str, *, limit: int, timeout_s: float) -> None:
-        # Used only to parse the URL into connection settings. No socket_timeout: call() times
-        # the whole command (redis-py would start a task to time each write).
-        pool = ConnectionPool.from_url(url, socket_connect_timeout=timeout_s)
+        # Used only to parse the URL into connection settings. No socket_timeout (redis-py's
+        # default is 5 s): call() times the whole command, where redis-py would time each
+        # write with asyncio.wait_for, a task per write that on Python 3.11 can also swallow
+        # the caller's cancellation.
+        pool = ConnectionPool.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=None)
         self._connection_class = pool.connection_class
         self._settings = pool.connection_kwargs
         self.where = self._settings.get("path") or (
