@@ -327,6 +327,25 @@ async def test_aclose_with_the_sink_down_leaves_everything_in_the_spool(
     await exactly_once(sink, 11)
 
 
+async def test_aclose_writes_the_spool_and_the_buffer_to_a_sink_that_came_back(
+    sink: SwitchableSink, spool: Path
+) -> None:
+    # The next retry is far off when the process is told to stop: the close tries once more
+    # rather than leave everything in the spool until the next start.
+    writer = writer_for(sink, spool, retry_interval_s=60, max_retry_interval_s=60)
+    await writer.start()
+    sink.mode = "fail"
+    for i in range(10):
+        writer.record(make_record(i))
+    await until(lambda: writer.spooling and writer.spooled == 10)
+    sink.mode = "ok"
+    for i in range(10, 15):
+        writer.record(make_record(i))
+    await writer.aclose()
+    await exactly_once(sink, 15)
+    assert not spool_files(spool)
+
+
 async def test_aclose_gives_a_hanging_sink_a_bounded_time(
     sink: SwitchableSink, spool: Path
 ) -> None:

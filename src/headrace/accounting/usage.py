@@ -124,6 +124,7 @@ class UsageWriter:
         self._backoff = retry_interval_s
         self._closing = False
         self._close_deadline = 0.0
+        self._close_recovery_tried = False
         self._closed = False
         self._close_lock = asyncio.Lock()
 
@@ -225,9 +226,9 @@ class UsageWriter:
     async def _tick(self) -> None:
         waiters: list[asyncio.Future[None]] = []
         try:
-            if self._replay_due and not self._closing and self._clock() >= self._retry_at:
-                await self._recover()
             await self._wait()
+            if self._replay_due and self._recovery_due():
+                await self._recover()
             waiters, self._flush_waiters = self._flush_waiters, []
             await self._drain()
             if self._spool.dirty:
@@ -237,6 +238,17 @@ class UsageWriter:
             await asyncio.sleep(self._flush_interval_s)
         finally:
             self._release(waiters)
+
+    def _recovery_due(self) -> bool:
+        """Time to try the sink again: at the retry time, or once more when closing (a clean
+        shutdown writes to the database if it is back, within ``close_timeout_s``, rather
+        than leaving everything in the spool until the next start)."""
+        if not self._closing:
+            return self._clock() >= self._retry_at
+        if self._close_recovery_tried:
+            return False
+        self._close_recovery_tried = True
+        return True
 
     @staticmethod
     def _release(waiters: list[asyncio.Future[None]]) -> None:
@@ -393,7 +405,7 @@ class UsageWriter:
         try:
             count = 0
             for start in range(0, len(lines), self._batch_size):
-                if self._closing:
+                if self._closing and self._clock() >= self._close_deadline:
                     return False
                 batch = _decode(path, lines[start : start + self._batch_size], start)
                 if batch:
