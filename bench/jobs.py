@@ -1,7 +1,8 @@
 """Durable jobs benchmark: throughput, queue wait, jobs in flight and a kill -9 count.
 
-    .venv/bin/python bench/jobs.py              # full run, 12-18 minutes
-    .venv/bin/python bench/jobs.py --quick      # 2-3 minutes, smaller counts
+    .venv/bin/python bench/jobs.py              # full run, 3-5 minutes
+    .venv/bin/python bench/jobs.py --quick      # about a minute, smaller counts
+    .venv/bin/python bench/jobs.py --no-embedded --sections throughput,drain --latencies 0
     .venv/bin/python bench/jobs.py --commit HEAD --logs /tmp/jobs-logs
 
 Starts ``headrace mock-upstream`` and, per backend, ``headrace serve``: embedded (SQLite, the
