@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from headrace.accounting.pricing import PriceTable
 from headrace.accounting.tokens import TokenCounter
@@ -49,6 +50,7 @@ from headrace.routing.classify import ErrorClass
 from headrace.routing.retry import RetryBudget, RetryPolicy
 from headrace.routing.router import RoutePolicy, Router
 from headrace.store.base import Store
+from headrace.store.sql import SqlStore
 
 log = structlog.get_logger("headrace")
 
@@ -323,8 +325,6 @@ def _spool_check(usage: UsageWriter) -> Check:
 
 
 def build_store(settings: Settings) -> Store:
-    from headrace.store.sql import SqlStore
-
     return SqlStore(settings.resolved_database_url, migrate_on_start=_migrate_on_start(settings))
 
 
@@ -357,29 +357,35 @@ def build_selector(settings: Settings) -> ModelSelector | None:
     )
 
 
-def _sql_queue(settings: Settings) -> JobQueue:
+def _sql_queue(settings: Settings, engine: AsyncEngine | None) -> JobQueue:
     from headrace.queue.sql import SqlJobQueue
 
-    return SqlJobQueue(settings.resolved_database_url, migrate_on_start=_migrate_on_start(settings))
-
-
-def _procrastinate_queue(settings: Settings) -> JobQueue:
-    from headrace.queue.procrastinate import ProcrastinateJobQueue
-
-    return ProcrastinateJobQueue(
-        settings.resolved_database_url, migrate_on_start=_migrate_on_start(settings)
+    return SqlJobQueue(
+        engine or settings.resolved_database_url, migrate_on_start=_migrate_on_start(settings)
     )
 
 
-JOB_QUEUES: Mapping[str, Callable[[Settings], JobQueue]] = {
+def _procrastinate_queue(settings: Settings, engine: AsyncEngine | None) -> JobQueue:
+    from headrace.queue.procrastinate import ProcrastinateJobQueue
+
+    return ProcrastinateJobQueue(
+        engine or settings.resolved_database_url, migrate_on_start=_migrate_on_start(settings)
+    )
+
+
+# A job queue in the store's database shares the store's engine when there is one (the
+# store disposes it, after the queue has stopped): one connection pool per process.
+JOB_QUEUES: Mapping[str, Callable[[Settings, AsyncEngine | None], JobQueue]] = {
     "sql": _sql_queue,
     "procrastinate": _procrastinate_queue,
 }
 
 
-def build_jobs(settings: Settings, validate: Validate) -> tuple[JobService, JobQueue, JobsOptions]:
+def build_jobs(
+    settings: Settings, validate: Validate, engine: AsyncEngine | None = None
+) -> tuple[JobService, JobQueue, JobsOptions]:
     config = settings.jobs
-    queue = JOB_QUEUES[config.backend](settings)
+    queue = JOB_QUEUES[config.backend](settings, engine)
     hooks = config.webhooks
     policy = JobPolicy(
         max_attempts=config.max_attempts,
@@ -497,7 +503,8 @@ def build_runtime(
         )
     jobs = job_queue = jobs_options = batches = None
     if validate_job is not None:
-        jobs, job_queue, jobs_options = build_jobs(settings, validate_job)
+        engine = store.engine if isinstance(store, SqlStore) else None
+        jobs, job_queue, jobs_options = build_jobs(settings, validate_job, engine)
         batches = BatchService(jobs, store_beside(job_queue))
         readiness["jobs"] = job_queue.check
         optional.add("jobs")  # the job table is the store's database: degraded with it

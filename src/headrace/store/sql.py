@@ -66,6 +66,12 @@ class SqlStore:
         self._migrate_on_start = migrate_on_start
         self._usage_sql = UsageSql(self._engine.dialect)
 
+    @property
+    def engine(self) -> AsyncEngine:
+        """The database engine, for what lives in the same database (the job queue): one
+        connection pool per process, not one per component."""
+        return self._engine
+
     async def start(self) -> None:
         if self._migrate_on_start:
             await upgrade_engine(self._engine)
