@@ -2,18 +2,24 @@
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from headrace.store import engine as engine_module
 from headrace.store.engine import create_engine
 
 
-async def _kill_backends(url: str, application_pid: int) -> None:
+async def _pooled_connection_killed(engine: AsyncEngine, url: str) -> int:
+    """Use one of ``engine``'s connections, put it back in the pool, then have the server end
+    it (as a restart or an idle-connection timeout would); its backend's pid."""
+    async with engine.connect() as conn:
+        pid = int((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
     killer = create_engine(url)
     try:
         async with killer.connect() as conn:
-            await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": application_pid})
+            await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
     finally:
         await killer.dispose()
+    return pid
 
 
 async def test_a_connection_killed_while_idle_is_replaced_before_use(
@@ -21,9 +27,7 @@ async def test_a_connection_killed_while_idle_is_replaced_before_use(
 ) -> None:
     engine = create_engine(fresh_database_url)
     try:
-        async with engine.connect() as conn:
-            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
-        await _kill_backends(fresh_database_url, pid)
+        pid = await _pooled_connection_killed(engine, fresh_database_url)
         monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_S", 0.0)
         async with engine.connect() as conn:  # pinged, found dead, replaced
             again = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
@@ -37,9 +41,7 @@ async def test_a_connection_used_moments_ago_is_not_pinged(
 ) -> None:
     engine = create_engine(fresh_database_url)
     try:
-        async with engine.connect() as conn:
-            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
-        await _kill_backends(fresh_database_url, pid)
+        await _pooled_connection_killed(engine, fresh_database_url)
         monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_S", 3600.0)
         # Not pinged: the dead connection fails where it is used, and the pool drops it...
         with pytest.raises(Exception, match=r"terminat|closed|connection"):

@@ -438,8 +438,8 @@ class SqlJobQueue:
                 rows = await self._complete_set(conn, worker, completions, now)
             done = {job_id: _row_to_job(row) for job_id, row in rows.items()}
             changes = [
-                (job, row.event_seq, {"attempt": job.attempts})
-                for job, row in zip(done.values(), rows.values(), strict=True)
+                (done[job_id], row.event_seq, {"attempt": row.attempts})
+                for job_id, row in rows.items()
             ]
             await self._append(conn, changes, now)
         return [done.get(completion.job_id) for completion in completions]
@@ -964,25 +964,19 @@ def _tags_query(ranks: int, lanes: int) -> Executable:
     return select(*heads, *lasts)
 
 
+@functools.cache
 def _json_insert(table: Table, names: tuple[str, ...]) -> Executable:
     """PostgreSQL: ``INSERT INTO table (names) SELECT names FROM
     json_populate_recordset(NULL::table, :rows)``, ``:rows`` one JSON array of row objects
     (built once per table and columns)."""
-    key = (table.name, names)
-    statement = _JSON_INSERTS.get(key)
-    if statement is None:
-        rows = cast(bindparam("rows", type_=Text()), postgresql.JSON())
-        source = func.json_populate_recordset(
-            literal_column(f"CAST(NULL AS {table.name})"), rows
-        ).table_valued(*names)
-        statement = postgresql.insert(table).from_select(
-            list(names), select(*(source.c[name] for name in names))
-        )
-        _JSON_INSERTS[key] = statement
-    return statement
+    rows = cast(bindparam("rows", type_=Text()), postgresql.JSON())
+    source = func.json_populate_recordset(
+        literal_column(f"CAST(NULL AS {table.name})"), rows
+    ).table_valued(*names)
+    return postgresql.insert(table).from_select(
+        list(names), select(*(source.c[name] for name in names))
+    )
 
-
-_JSON_INSERTS: dict[tuple[str, tuple[str, ...]], Executable] = {}
 
 # PostgreSQL, complete_many: lock the rows still leased to the worker in id order, then set
 # them succeeded from one JSON array of {id, result, cost}. The result arrives as ``json``,
