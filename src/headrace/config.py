@@ -212,6 +212,12 @@ class LimitsConfig(_Strict):
     lease_ttl_s: float = Field(
         900.0, gt=0, description="A parallel-request slot is freed after this long regardless."
     )
+    settle_linger_s: float = Field(
+        0.005,
+        ge=0,
+        le=0.1,
+        description="For backend redis: how long a settlement may wait to ride the next call.",
+    )
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> LimitsConfig:

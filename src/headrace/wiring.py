@@ -301,7 +301,7 @@ def _redis_limiter(config: LimitsConfig) -> Limiter:
     from headrace.limits.redis import RedisLimiter
 
     assert config.redis_url is not None  # checked by LimitsConfig
-    shared = RedisLimiter(config.redis_url)
+    shared = RedisLimiter(config.redis_url, settle_linger_s=config.settle_linger_s)
     if config.on_backend_down == "refuse":
         return shared
     return FallbackLimiter(shared, MemoryLimiter())

@@ -93,8 +93,10 @@ class Limiter(Protocol):
         """Apply each settlement; return each counter's value afterwards (spend, for budgets).
 
         Release ``lease``'s CONCURRENCY slots. A BUDGET counter that no longer exists (its
-        period ended) is skipped (value 0); a missing RATE counter counts as empty. One round
-        trip for a remote backend.
+        period ended) is skipped (value 0); a missing RATE counter counts as empty. A remote
+        backend may hold a settlement for a few milliseconds to send it with other calls (the
+        next :meth:`acquire` of this process applies it before its own demands); it returns
+        once the settlement is applied, and :meth:`aclose` sends every one still held.
         """
         ...
 
