@@ -8,9 +8,10 @@
 Starts ``headrace mock-upstream`` and, per backend, ``headrace serve``: embedded (SQLite, the
 in-process runner) and PostgreSQL (``headrace migrate``, then ``serve`` with
 ``jobs.run_in_process: false`` and two ``headrace worker`` processes, as production runs it).
-Jobs are submitted with ``POST /v1/jobs`` by a submitter in its own process (aiohttp, this
-file run with ``--submitter``); every figure about a job is read from the jobs table and its
-events (``created_at``, ``started_at``, ``finished_at`` are the fields of the job views).
+Jobs are submitted with ``POST /v1/jobs`` by a submitter in its own process (raw keep-alive
+connections, answers parsed by httptools; this file run with ``--submitter``); every figure
+about a job is read from the jobs table and its events (``created_at``, ``started_at``,
+``finished_at`` are the fields of the job views).
 bench/README.md explains each figure.
 
 PostgreSQL: ``--database-url`` or ``HEADRACE_TEST_DATABASE_URL`` (default: the local test
@@ -38,12 +39,13 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy
 
@@ -120,57 +122,134 @@ class Submitted:
 
 
 async def _submit(spec: SubmitSpec) -> Submitted:
-    import aiohttp
+    """POST ``spec.count`` jobs on raw keep-alive connections (:class:`_Connection`): the
+    requests are bytes built up front and the answers parsed by httptools, so the submitter
+    costs a small part of what a full HTTP client does (it shares the machine's two cores with
+    the system it measures)."""
     import orjson
 
     out = Submitted()
     failures: Counter[str] = Counter()
-    headers = {"Authorization": f"Bearer {_procs.ADMIN_KEY}", "Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=spec.clients)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=60)
-    ) as session:
+    target = urllib.parse.urlsplit(spec.url)
+    host, port = target.hostname or "127.0.0.1", target.port or 80
+    head = (
+        f"POST {target.path} HTTP/1.1\r\nHost: {target.netloc}\r\n"
+        f"Authorization: Bearer {_procs.ADMIN_KEY}\r\nContent-Type: application/json\r\n"
+    ).encode()
+    loop = asyncio.get_running_loop()
 
-        async def one(n: int) -> None:
-            prompt = f"{spec.tag} job {n}: say something short"
-            chat = {"model": "mock-model", "messages": [{"role": "user", "content": prompt}]}
-            sent = time.perf_counter()
-            try:
-                async with session.post(
-                    spec.url, data=orjson.dumps({"body": chat}), headers=headers
-                ) as answer:
-                    payload = await answer.read()
-                    if answer.status != 202:
-                        failures[f"HTTP {answer.status}"] += 1
-                        return
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                failures[type(exc).__name__] += 1
-                return
-            out.ids.append(orjson.loads(payload)["id"])
-            out.latency_ms.append((time.perf_counter() - sent) * 1000)
+    async def connect() -> _Connection:
+        _, conn = await loop.create_connection(_Connection, host, port)
+        return conn
 
-        numbers = iter(range(spec.count))
+    async def one(conn: _Connection | None, n: int) -> _Connection | None:
+        prompt = f"{spec.tag} job {n}: say something short"
+        chat = {"model": "mock-model", "messages": [{"role": "user", "content": prompt}]}
+        body = orjson.dumps({"body": chat})
+        sent = time.perf_counter()
+        try:
+            if conn is None or conn.closed:
+                conn = await connect()
+            status, payload = await asyncio.wait_for(
+                conn.request(head + b"Content-Length: %d\r\n\r\n" % len(body) + body), 60
+            )
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            failures[type(exc).__name__] += 1
+            if conn is not None:
+                conn.close()
+            return None
+        if status != 202:
+            failures[f"HTTP {status}"] += 1
+            return conn
+        out.ids.append(orjson.loads(payload)["id"])
+        out.latency_ms.append((time.perf_counter() - sent) * 1000)
+        return conn
 
-        async def client() -> None:
-            for n in numbers:
-                await one(n)
+    numbers = iter(range(spec.count))
 
-        cpu = time.process_time()
-        out.started = time.time()
-        if spec.rate <= 0:
-            await asyncio.gather(*(client() for _ in range(spec.clients)))
-        else:  # open loop: evenly spaced, whatever the answers do
-            start, tasks = time.perf_counter(), []
-            for n in range(spec.count):
-                delay = start + n / spec.rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(n)))
-            await asyncio.gather(*tasks)
-        out.ended = time.time()
-        out.cpu_s = time.process_time() - cpu
+    async def client() -> None:
+        conn: _Connection | None = None
+        for n in numbers:
+            conn = await one(conn, n)
+        if conn is not None:
+            conn.close()
+
+    cpu = time.process_time()
+    out.started = time.time()
+    if spec.rate <= 0:
+        await asyncio.gather(*(client() for _ in range(spec.clients)))
+    else:  # open loop: evenly spaced, whatever the answers do; one connection per request
+        start, tasks = time.perf_counter(), []
+        for n in range(spec.count):
+            delay = start + n / spec.rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_closing(one(None, n))))
+        await asyncio.gather(*tasks)
+    out.ended = time.time()
+    out.cpu_s = time.process_time() - cpu
     out.failures = dict(failures)
     return out
+
+
+async def _closing(sent: Coroutine[Any, Any, _Connection | None]) -> None:
+    conn = await sent
+    if conn is not None:
+        conn.close()
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, one request at a time; answers parsed by httptools
+    (the parser uvicorn uses)."""
+
+    def __init__(self) -> None:
+        import httptools
+
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._body: list[bytes] = []
+        self._answer: asyncio.Future[tuple[int, bytes]] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def request(self, raw: bytes) -> asyncio.Future[tuple[int, bytes]]:
+        assert self._transport is not None
+        self._answer = asyncio.get_running_loop().create_future()
+        self._body.clear()
+        self._transport.write(raw)
+        return self._answer
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except Exception as exc:  # a malformed answer: fail the request, drop the connection
+            self._settle(exc)
+            self.close()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        answer = (self._parser.get_status_code(), b"".join(self._body))
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(answer)
+        if not self._parser.should_keep_alive():
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._settle(exc or ConnectionResetError("the server closed the connection"))
+
+    def _settle(self, exc: BaseException) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(exc)
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
 
 
 def submitter_main(raw: str) -> None:
