@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 
 from headrace.domain import Job, JobKind, JobStatus, Priority
 from headrace.queue.base import (
+    Completion,
     DeliveryRecord,
     Failure,
     Idempotency,
@@ -123,6 +125,13 @@ def ids(jobs: list[Job]) -> list[str]:
 
 def idem(key: str, body_hash: str = "a" * 64, *, expires_at: float = T0 + 3600) -> Idempotency:
     return Idempotency(scope="t1", key=key, body_hash=body_hash, expires_at=expires_at)
+
+
+async def as_claimed(queue: SqlJobQueue, job_id: str) -> Job:
+    """The job as its worker claimed it, which is what a worker completes."""
+    stored = await queue.get(job_id)
+    assert stored is not None
+    return stored
 
 
 async def statuses(queue: SqlJobQueue, job_id: str) -> list[JobStatus]:
@@ -273,9 +282,9 @@ async def test_an_expired_lease_is_recovered_and_the_old_worker_loses(
 
     [theirs] = await queue.claim("w2", 1, LEASE_S)
     assert theirs.attempts == 2
-    assert await queue.complete("j1", "w1", {"late": True}, 5) is None
+    assert await queue.complete(theirs, "w1", {"late": True}, 5) is None
     assert await queue.heartbeat("w1", ["j1"], LEASE_S) == {"j1"}
-    done = await queue.complete("j1", "w2", {"ok": True}, 7)
+    done = await queue.complete(theirs, "w2", {"ok": True}, 7)
     assert done is not None
     assert (done.status, done.result, done.cost_micro_usd) == (JobStatus.SUCCEEDED, {"ok": True}, 7)
     assert done.error is None
@@ -414,7 +423,7 @@ async def test_cancel_a_running_job(queue: SqlJobQueue) -> None:
     assert cancelled is not None
     assert cancelled.status is JobStatus.CANCELLED
     assert await queue.heartbeat("w1", ["j1"], LEASE_S) == {"j1"}
-    assert await queue.complete("j1", "w1", {"late": True}, 3) is None
+    assert await queue.complete(cancelled, "w1", {"late": True}, 3) is None
     assert await queue.fail("j1", "w1", Failure(error=BOOM, retry_at=None)) is None
     assert await queue.get("j1") == cancelled
     assert await statuses(queue, "j1") == [
@@ -509,9 +518,9 @@ async def test_events_are_in_order_with_details(queue: SqlJobQueue, clock: FakeC
     await queue.claim("w1", 1, LEASE_S)
     clock.advance(1)
     await queue.fail("j1", "w1", Failure(error=BOOM, retry_at=clock.now))
-    await queue.claim("w2", 1, LEASE_S)
+    [claimed] = await queue.claim("w2", 1, LEASE_S)
     clock.advance(1)
-    await queue.complete("j1", "w2", {"ok": True}, 1)
+    await queue.complete(claimed, "w2", {"ok": True}, 1)
     events = await queue.events("j1")
     assert [(e.seq, e.status) for e in events] == [
         (1, JobStatus.QUEUED),
@@ -537,10 +546,10 @@ async def test_the_outbox_gets_an_event_exactly_when_a_hooked_job_ends(
     await queue.claim("w1", 2, LEASE_S)
     await queue.fail("hooked", "w1", Failure(error=BOOM, retry_at=clock.now))
     assert await queue.due_webhooks(10) == []  # a retry is not final
-    await queue.claim("w1", 1, LEASE_S)
+    [hooked] = await queue.claim("w1", 1, LEASE_S)
     clock.advance(2)
-    done = await queue.complete("hooked", "w1", {"choices": []}, 1234)
-    await queue.complete("quiet", "w1", {"choices": []}, 1)
+    done = await queue.complete(hooked, "w1", {"choices": []}, 1234)
+    await queue.complete(await as_claimed(queue, "quiet"), "w1", {"choices": []}, 1)
     assert done is not None
 
     [item] = await queue.due_webhooks(10)
@@ -549,11 +558,46 @@ async def test_the_outbox_gets_an_event_exactly_when_a_hooked_job_ends(
     assert (item.job_id, item.url, item.event_type) == ("hooked", HOOK, "job.succeeded")
     assert (item.created_at, item.attempts) == (T0 + 2, 0)
     assert item.payload == job_view(done)
+    assert item.payload == job_view(await as_claimed(queue, "hooked"))  # as stored
     assert item.payload["result"] == {"choices": []}
     assert item.payload["cost_usd"] == 0.001234
     assert item.payload["attempts"] == 2
     assert item.payload["metadata"] == {"run": "7"}
     assert item.payload["finished_at"] == T0 + 2
+
+
+async def test_a_completion_whose_outbox_row_cannot_be_written_changes_nothing(
+    queue: SqlJobQueue, backend: str
+) -> None:
+    await queue.submit(job("hooked", webhook_url=HOOK))
+    await queue.submit(job("quiet", at=T0 + 1))
+    claimed = await queue.claim("w1", 2, LEASE_S)
+    async with queue.engine.begin() as conn:
+        if backend == "sqlite":
+            await conn.execute(
+                sqlalchemy.text(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON webhook_outbox"
+                    " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )
+            )
+        else:
+            await conn.execute(
+                sqlalchemy.text(
+                    "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql"
+                    " AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$"
+                )
+            )
+            await conn.execute(
+                sqlalchemy.text(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON webhook_outbox"
+                    " FOR EACH ROW EXECUTE FUNCTION refuse()"
+                )
+            )
+    with pytest.raises(sqlalchemy.exc.DBAPIError, match="refused"):
+        await queue.complete_many("w1", [Completion(j, {"ok": True}, 1) for j in claimed])
+    for claimed_job in claimed:  # neither job finished, nor any event written
+        assert await queue.get(claimed_job.id) == claimed_job
+        assert await statuses(queue, claimed_job.id) == [JobStatus.QUEUED, JobStatus.RUNNING]
 
 
 async def test_due_webhooks_leases_each_item_to_one_deliverer(
@@ -610,7 +654,7 @@ async def test_concurrent_claimers_take_every_job_exactly_once(
         while batch := await queues[n].claim(f"w{n}", 7, LEASE_S):
             taken[n].extend(j.id for j in batch)
             for claimed in batch[::2]:
-                assert await queues[n].complete(claimed.id, f"w{n}", {}, 0) is not None
+                assert await queues[n].complete(claimed, f"w{n}", {}, 0) is not None
 
     await asyncio.gather(*(work(n) for n in range(4)))
     everything = [job_id for ids_ in taken for job_id in ids_]

@@ -27,7 +27,7 @@ from headrace.queue.procrastinate import (
 from headrace.queue.procrastinate import migrate as apply_procrastinate
 from headrace.store.engine import create_engine
 from headrace.store.migrate import SchemaOutOfDateError, migrate
-from tests.contract.test_job_queue import BOOM, LEASE_S, T0, FakeClock, ids, job
+from tests.contract.test_job_queue import BOOM, LEASE_S, T0, FakeClock, as_claimed, ids, job
 
 pytest.importorskip("procrastinate")  # its schema: the postgres extra
 
@@ -141,9 +141,9 @@ async def test_an_entry_follows_its_job_through_every_state(
     assert (recovered.id, recovered.status) == (entry.id, "todo")
 
     await queue.claim("w2", 1, LEASE_S)
-    assert await queue.complete("j1", "w1", {"late": True}, 1) is None
+    assert await queue.complete(await as_claimed(queue, "j1"), "w1", {"late": True}, 1) is None
     assert (await entries(db))["j1"].status == "doing"  # still w2's
-    assert await queue.complete("j1", "w2", {"ok": True}, 1) is not None
+    assert await queue.complete(await as_claimed(queue, "j1"), "w2", {"ok": True}, 1) is not None
     assert await entries(db) == {}
 
 
@@ -188,8 +188,13 @@ async def test_a_leased_submission_has_a_doing_entry_until_its_lease_ends(
     assert await queue.recover() == 1
     assert (await entries(db))["inline"].status == "todo"
     assert ids(await queue.claim("w1", 1, LEASE_S)) == ["inline"]
-    assert await queue.complete("inline", "inline-1", {"late": True}, 1) is None
-    assert await queue.complete("inline", "w1", {"ok": True}, 1) is not None
+    assert (
+        await queue.complete(await as_claimed(queue, "inline"), "inline-1", {"late": True}, 1)
+        is None
+    )
+    assert (
+        await queue.complete(await as_claimed(queue, "inline"), "w1", {"ok": True}, 1) is not None
+    )
     assert await entries(db) == {}
 
     await queue.submit(job("gone"), lease=Lease("inline-2", 600.0))
@@ -204,7 +209,7 @@ async def test_complete_many_finishes_the_entries_of_the_jobs_it_completes(
     await queue.claim("w1", 2, LEASE_S)
     await queue.claim("w2", 1, LEASE_S)
     done = await queue.complete_many(
-        "w1", [Completion("j0", {}, 1), Completion("j2", {}, 1), Completion("j1", {}, 1)]
+        "w1", [Completion(await as_claimed(queue, j), {}, 1) for j in ("j0", "j2", "j1")]
     )
     assert [d is not None for d in done] == [True, False, True]  # j2 is w2's
     assert {k: e.status for k, e in (await entries(db)).items()} == {"j2": "doing"}
@@ -239,7 +244,7 @@ async def test_a_failed_finish_leaves_the_job_running(
     await queue.claim("w1", 1, LEASE_S)
     await fail_inserts_for(db, "j1", operation="DELETE")
     with pytest.raises(sqlalchemy.exc.DBAPIError, match="refused"):
-        await queue.complete("j1", "w1", {"ok": True}, 5)
+        await queue.complete(await as_claimed(queue, "j1"), "w1", {"ok": True}, 5)
     running = await queue.get("j1")
     assert running is not None
     assert (running.status, running.result) == (JobStatus.RUNNING, None)
@@ -335,7 +340,9 @@ async def test_workers_register_and_go_and_silent_ones_are_pruned(
     assert await first.recover() == 0
     assert len(await rows(db, "SELECT id FROM procrastinate_workers")) == 1
     assert (await entries(db))["j2"].worker_id is None
-    assert await second.complete("j2", "w2", {}, 0) is not None  # the lease still holds
+    assert (
+        await second.complete(await as_claimed(second, "j2"), "w2", {}, 0) is not None
+    )  # the lease still holds
 
     await first.aclose()
     assert await rows(db, "SELECT id FROM procrastinate_workers") == []

@@ -228,7 +228,7 @@ class JobService:
             self._pending.add(release)
             release.add_done_callback(self._pending.discard)
             raise
-        await self._queue.complete(job.id, worker, result, cost)
+        await self._queue.complete(job, worker, result, cost)
         return result, False
 
     async def _stored_answer(self, job_id: str) -> Mapping[str, Any]:

@@ -19,6 +19,7 @@ job goes after every other team's (n-1)-th), then oldest first.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -63,11 +64,28 @@ class Failure:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A job's successful result, as a worker reports it."""
+    """A job's successful result, as a worker reports it: the job as it was claimed, the
+    result and its cost. The queue writes the finished job (and its webhook payload) from
+    these, without reading the row back."""
 
-    job_id: str
+    job: Job
     result: Mapping[str, Any]
     cost_micro_usd: int
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+    def finished(self, now: float) -> Job:
+        """The job as this completion leaves it, finished at ``now``."""
+        return dataclasses.replace(
+            self.job,
+            status=JobStatus.SUCCEEDED,
+            result=self.result,
+            error=None,
+            cost_micro_usd=int(self.cost_micro_usd),
+            finished_at=now,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,10 +166,11 @@ class JobQueue(Protocol):
         ...
 
     async def complete(
-        self, job_id: str, worker: str, result: Mapping[str, Any], cost_micro_usd: int
+        self, job: Job, worker: str, result: Mapping[str, Any], cost_micro_usd: int
     ) -> Job | None:
         """``running`` → ``succeeded`` if ``worker`` holds the lease; None when it does not
-        (the lease expired and another worker took the job: its result wins)."""
+        (the lease expired and another worker took the job: its result wins). ``job`` is the
+        job as claimed (or submitted with a lease)."""
         ...
 
     async def complete_many(

@@ -303,6 +303,13 @@ class ProcrastinateJobQueue(SqlJobQueue):
             finally:
                 self._open.reset(token)
 
+    @asynccontextmanager
+    async def _once(self) -> AsyncIterator[AsyncConnection]:
+        """The parent's one-statement operations get a transaction here: this backend adds
+        its own statements to them."""
+        async with self._write() as conn:
+            yield conn
+
     # -- submission ---------------------------------------------------------------------------
 
     async def submit(
@@ -345,7 +352,9 @@ class ProcrastinateJobQueue(SqlJobQueue):
             "worker": worker,
             "expires": now + lease_s,
         }
-        claimed = await conn.execute(_CLAIM, params)
+        claimed = list(await conn.execute(_CLAIM, params))
+        changes = [(row, {"worker": worker, "attempt": row.attempts}) for row in claimed]
+        await self._record(conn, changes, now)
         # RETURNING comes in no particular order.
         return sorted(claimed, key=lambda r: (-r.dispatch_priority, r.dispatch_id))
 
@@ -354,9 +363,9 @@ class ProcrastinateJobQueue(SqlJobQueue):
         return await super().heartbeat(worker, job_ids, lease_s)
 
     async def complete(
-        self, job_id: str, worker: str, result: Mapping[str, Any], cost_micro_usd: int
+        self, job: Job, worker: str, result: Mapping[str, Any], cost_micro_usd: int
     ) -> Job | None:
-        (done,) = await self.complete_many(worker, [Completion(job_id, result, cost_micro_usd)])
+        (done,) = await self.complete_many(worker, [Completion(job, result, cost_micro_usd)])
         return done
 
     async def complete_many(

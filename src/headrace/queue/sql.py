@@ -12,10 +12,16 @@ final and the job has a ``webhook_url``, inserts a ``webhook_outbox`` row.
 
 - PostgreSQL: ``claim``, ``recover`` and ``due_webhooks`` pick their rows with
   ``FOR UPDATE SKIP LOCKED``, so concurrent claimers never wait for each other nor take the
-  same row. ``claim`` is one ``UPDATE jobs ... WHERE id = ANY(ARRAY(SELECT id ... ORDER BY
-  ... LIMIT n FOR UPDATE SKIP LOCKED)) RETURNING *`` (the array form, not ``IN``: see
-  :meth:`SqlJobQueue._among`). ``submit_many`` and the events insert with ``INSERT ...
-  SELECT FROM json_populate_recordset(<one JSON array of rows>)``.
+  same row. The two operations a busy worker repeats are each one statement, run in
+  autocommit (the statement is the transaction: no ``BEGIN`` and ``COMMIT`` round trips),
+  whose data-modifying ``WITH`` clauses write the events (and outbox rows) too: the claim
+  (:data:`_CLAIM`: ``UPDATE jobs ... WHERE id = ANY(ARRAY(SELECT id ... ORDER BY ... LIMIT n
+  FOR UPDATE SKIP LOCKED)) RETURNING *``, the array form, not ``IN``: see
+  :meth:`SqlJobQueue._among`) and the completion of a batch (:data:`_COMPLETE`, its rows
+  locked in id order first). A completion carries the job as claimed, so the finished job
+  and its webhook payload are built here, not read back. ``submit_many`` and the events of
+  other changes insert with ``INSERT ... SELECT FROM json_populate_recordset(<one JSON array
+  of rows>)``.
 - SQLite: write transactions start with ``BEGIN IMMEDIATE`` (they take the database's write
   lock first, so a read-then-write transaction can never fail half way with "database is
   locked" when another process writes the same file; ``busy_timeout`` makes the others
@@ -40,8 +46,9 @@ tenant that arrives late starts at the head of the line rather than behind every
 backlog, or ahead of everyone with tags that restart at 1. Jobs requeued for a retry keep
 their tag (they go ahead of newer work); a replayed job gets a new one.
 
-Deadlines. ``claim`` first fails the queued jobs whose ``deadline_at`` passed (error code
-``expired``, up to 1,000 per claim), then claims among the rest.
+Deadlines. A claim never starts a job whose ``deadline_at`` passed; at most once every
+:data:`EXPIRE_SWEEP_S` a claim first fails those jobs (error code ``expired``, up to 1,000 at
+a time, in a transaction of its own).
 
 One module for the whole backend, past the 800 lines of STYLE.md: it is one class with one
 method per Protocol operation, each a transaction, plus the row mapping they share. The
@@ -156,7 +163,9 @@ class SqlJobQueue:
         self._clock = clock
         self._migrate_on_start = migrate_on_start
         self._next_sweep_at = float("-inf")  # the next claim that fails overdue jobs
-        self._take_statement: Executable | None = None
+        # One-statement operations (claim, complete) on PostgreSQL: the statement is its own
+        # transaction, without BEGIN and COMMIT round trips.
+        self._autocommit = self._engine.execution_options(isolation_level="AUTOCOMMIT")
 
     async def start(self) -> None:
         if self._migrate_on_start:
@@ -180,6 +189,18 @@ class SqlJobQueue:
                 yield conn
             return
         async with self._write_lock, self._writer.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _once(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for an operation that is one statement: on PostgreSQL in autocommit
+        (the statement is its own transaction); on SQLite a write transaction, as ``_write``.
+        """
+        if self._sqlite:
+            async with self._write() as conn:
+                yield conn
+            return
+        async with self._autocommit.connect() as conn:
             yield conn
 
     @property
@@ -329,22 +350,16 @@ class SqlJobQueue:
 
     async def claim(self, worker: str, limit: int, lease_s: float) -> list[Job]:
         now = self._clock()
-        sweep = now >= self._next_sweep_at
-        if sweep:
+        if now >= self._next_sweep_at:
             self._next_sweep_at = now + EXPIRE_SWEEP_S
-        async with self._write() as conn:
-            expired = await self._expire(conn, now) if sweep else []
-            rows = await self._take(conn, worker, limit, lease_s, now) if limit > 0 else []
-            claimed = [_row_to_job(row) for row in rows]
-            changes: list[tuple[Job, int, Mapping[str, Any]]] = [
-                (_row_to_job(row), row.event_seq, {"error": _EXPIRED}) for row in expired
-            ]
-            changes += [
-                (job, row.event_seq, {"worker": worker, "attempt": job.attempts})
-                for job, row in zip(claimed, rows, strict=True)
-            ]
-            await self._append(conn, changes, now)
-        return claimed
+            async with self._write() as conn:
+                expired = await self._expire(conn, now)
+                await self._record(conn, [(row, {"error": _EXPIRED}) for row in expired], now)
+        if limit <= 0:
+            return []
+        async with self._once() as conn:
+            rows = await self._take(conn, worker, limit, lease_s, now)
+        return [_row_to_job(row) for row in rows]
 
     async def _expire(self, conn: AsyncConnection, now: float) -> list[Row[Any]]:
         """Fail the queued jobs whose deadline passed; their rows, as updated."""
@@ -371,36 +386,15 @@ class SqlJobQueue:
     async def _take(
         self, conn: AsyncConnection, worker: str, limit: int, lease_s: float, now: float
     ) -> list[Row[Any]]:
-        """Lease up to ``limit`` runnable jobs to ``worker``; their rows, in queue order."""
-        if self._take_statement is None:
-            c = jobs.c
-            now_ = bindparam("now", type_=Float())
-            runnable = (
-                select(c.id)
-                .where(
-                    _in_state(JobStatus.QUEUED),
-                    c.run_after <= now_,
-                    or_(c.deadline_at.is_(None), c.deadline_at > now_),
-                )
-                .order_by(c.priority_rank.desc(), c.fair_seq, c.created_at)
-                .limit(bindparam("limit", type_=Integer()))
-                .with_for_update(skip_locked=True)
-            )
-            self._take_statement = (
-                update(jobs)
-                .where(self._among(c.id, runnable))
-                .values(
-                    status=_RUNNING,
-                    attempts=c.attempts + 1,
-                    started_at=now_,
-                    lease_owner=bindparam("worker", type_=Text()),
-                    lease_expires_at=bindparam("expires", type_=Float()),
-                    event_seq=c.event_seq + 1,
-                )
-                .returning(*jobs.c)
-            )
+        """Lease up to ``limit`` runnable jobs to ``worker`` and record their events; their
+        rows, in queue order. PostgreSQL: one statement (:data:`_CLAIM`)."""
         params = {"now": now, "limit": limit, "worker": worker, "expires": now + lease_s}
-        claimed = await conn.execute(self._take_statement, params)
+        if self._sqlite:
+            claimed = list(await conn.execute(_take_sqlite(), params))
+            changes = [(row, {"worker": worker, "attempt": row.attempts}) for row in claimed]
+            await self._record(conn, changes, now)
+        else:
+            claimed = list(await conn.execute(_CLAIM, params))
         # RETURNING comes in no particular order.
         return sorted(claimed, key=lambda r: (-r.priority_rank, r.fair_seq, r.created_at, r.id))
 
@@ -422,75 +416,86 @@ class SqlJobQueue:
             return wanted - set(held.scalars())
 
     async def complete(
-        self, job_id: str, worker: str, result: Mapping[str, Any], cost_micro_usd: int
+        self, job: Job, worker: str, result: Mapping[str, Any], cost_micro_usd: int
     ) -> Job | None:
-        (done,) = await self.complete_many(worker, [Completion(job_id, result, cost_micro_usd)])
+        (done,) = await self.complete_many(worker, [Completion(job, result, cost_micro_usd)])
         return done
 
     async def complete_many(
         self, worker: str, completions: Sequence[Completion]
     ) -> list[Job | None]:
+        if not completions:
+            return []
         now = self._clock()
-        async with self._write() as conn:
+        finished = {c.job_id: c.finished(now) for c in completions}
+        async with self._once() as conn:
             if self._sqlite:
-                rows = await self._complete_each(conn, worker, completions, now)
+                seqs = await self._complete_each(conn, worker, completions, now)
+                changes = [
+                    (finished[job_id], seq, {"attempt": finished[job_id].attempts})
+                    for job_id, seq in seqs.items()
+                ]
+                await self._append(conn, changes, now)
+                done = set(seqs)
             else:
-                rows = await self._complete_set(conn, worker, completions, now)
-            done = {job_id: _row_to_job(row) for job_id, row in rows.items()}
-            changes = [
-                (done[job_id], row.event_seq, {"attempt": row.attempts})
-                for job_id, row in rows.items()
-            ]
-            await self._append(conn, changes, now)
-        return [done.get(completion.job_id) for completion in completions]
+                done = await self._complete_set(conn, worker, completions, finished, now)
+        return [finished[c.job_id] if c.job_id in done else None for c in completions]
 
     async def _complete_each(
         self, conn: AsyncConnection, worker: str, completions: Sequence[Completion], now: float
-    ) -> dict[str, Row[Any]]:
-        """SQLite: one ``UPDATE`` per completion (in process, each is cheap); the rows
-        updated (jobs still leased to ``worker``), by id."""
+    ) -> dict[str, int]:
+        """SQLite: one ``UPDATE`` per completion (in process, each is cheap); the new
+        ``event_seq`` of each job updated (still leased to ``worker``), by id."""
         c = jobs.c
-        rows: dict[str, Row[Any]] = {}
-        for done in completions:
-            row = (
+        done: dict[str, int] = {}
+        for completion in completions:
+            seq = (
                 await conn.execute(
                     update(jobs)
-                    .where(c.id == done.job_id, c.status == _RUNNING, c.lease_owner == worker)
+                    .where(c.id == completion.job_id, c.status == _RUNNING, c.lease_owner == worker)
                     .values(
                         status=JobStatus.SUCCEEDED.value,
-                        result=_dumps(done.result),
+                        result=_dumps(completion.result),
                         error=None,
-                        cost_micro_usd=int(done.cost_micro_usd),
+                        cost_micro_usd=int(completion.cost_micro_usd),
                         finished_at=now,
                         lease_owner=None,
                         lease_expires_at=None,
                         event_seq=c.event_seq + 1,
                     )
-                    .returning(*jobs.c)
+                    .returning(c.event_seq)
                 )
-            ).first()
-            if row is not None:
-                rows[done.job_id] = row
-        return rows
+            ).scalar()
+            if seq is not None:
+                done[completion.job_id] = seq
+        return done
 
     async def _complete_set(
-        self, conn: AsyncConnection, worker: str, completions: Sequence[Completion], now: float
-    ) -> dict[str, Row[Any]]:
-        """PostgreSQL: ``completions`` in two statements, whatever their number; the rows
-        updated (jobs still leased to ``worker``), by id.
-
-        The rows are locked in id order first, as :meth:`heartbeat` locks them: two
-        transactions that take the same rows in the same order cannot deadlock (the join of
-        the ``UPDATE`` locks in whatever order its plan reads).
-        """
-        ids = sorted({done.job_id for done in completions})
-        await conn.execute(_LOCK_LEASED, {"ids": ids, "worker": worker})
+        self,
+        conn: AsyncConnection,
+        worker: str,
+        completions: Sequence[Completion],
+        finished: Mapping[str, Job],
+        now: float,
+    ) -> set[str]:
+        """PostgreSQL: ``completions`` in one statement (:data:`_COMPLETE`), whatever their
+        number, events and webhook outbox rows included; the ids of the jobs updated (still
+        leased to ``worker``)."""
         done = [
             {"id": c.job_id, "result": c.result, "cost": int(c.cost_micro_usd)} for c in completions
         ]
-        params = {"done": orjson.dumps(done).decode(), "worker": worker, "now": now}
-        updated = await conn.execute(_COMPLETE_SET, params)
-        return {row.id: row for row in updated}
+        outbox = [
+            _outbox_row(job, job.webhook_url, now)
+            for job in finished.values()
+            if job.webhook_url is not None
+        ]
+        params = {
+            "done": orjson.dumps(done).decode(),
+            "outbox": orjson.dumps(outbox).decode(),
+            "worker": worker,
+            "now": now,
+        }
+        return set((await conn.execute(_COMPLETE, params)).scalars())
 
     async def fail(self, job_id: str, worker: str, failure: Failure) -> Job | None:
         now = self._clock()
@@ -978,26 +983,83 @@ def _json_insert(table: Table, names: tuple[str, ...]) -> Executable:
     )
 
 
-# PostgreSQL, complete_many: lock the rows still leased to the worker in id order, then set
-# them succeeded from one JSON array of {id, result, cost}. The result arrives as ``json``,
-# whose text is kept as sent: stored as is, not encoded twice.
-_LOCK_LEASED = (
-    select(jobs.c.id)
-    .where(
-        jobs.c.id == any_(cast(bindparam("ids"), postgresql.ARRAY(Text()))),
-        jobs.c.status == _RUNNING,
-        jobs.c.lease_owner == bindparam("worker"),
+@functools.cache
+def _take_sqlite() -> Executable:
+    """SQLite's claim: the runnable jobs in queue order, leased (one writer at a time: no
+    row locks)."""
+    c = jobs.c
+    now_ = bindparam("now", type_=Float())
+    runnable = (
+        select(c.id)
+        .where(
+            _in_state(JobStatus.QUEUED),
+            c.run_after <= now_,
+            or_(c.deadline_at.is_(None), c.deadline_at > now_),
+        )
+        .order_by(c.priority_rank.desc(), c.fair_seq, c.created_at)
+        .limit(bindparam("limit", type_=Integer()))
     )
-    .order_by(jobs.c.id)
-    .with_for_update()
+    return (
+        update(jobs)
+        .where(c.id.in_(runnable))
+        .values(
+            status=_RUNNING,
+            attempts=c.attempts + 1,
+            started_at=now_,
+            lease_owner=bindparam("worker", type_=Text()),
+            lease_expires_at=bindparam("expires", type_=Float()),
+            event_seq=c.event_seq + 1,
+        )
+        .returning(*jobs.c)
+    )
+
+
+# PostgreSQL's claim, one statement, its own transaction: lease the runnable jobs in queue
+# order (the array form, see SqlJobQueue._among) and append their events, whose detail is
+# written as orjson writes it elsewhere.
+_CLAIM = text(
+    "WITH taken AS ("
+    " UPDATE jobs SET status = 'running', attempts = jobs.attempts + 1, started_at = :now,"
+    " lease_owner = :worker, lease_expires_at = :expires, event_seq = jobs.event_seq + 1"
+    " WHERE jobs.id = ANY(ARRAY("
+    "  SELECT id FROM jobs WHERE status = 'queued' AND run_after <= :now"
+    "  AND (deadline_at IS NULL OR deadline_at > :now)"
+    "  ORDER BY priority_rank DESC, fair_seq, created_at LIMIT :limit FOR UPDATE SKIP LOCKED))"
+    " RETURNING jobs.*"
+    "), claimed AS ("
+    " INSERT INTO job_events (job_id, seq, status, at, detail)"
+    " SELECT id, event_seq, 'running', :now,"
+    " '{\"worker\":' || to_json(CAST(:worker AS text)) || ',\"attempt\":' || attempts || '}'"
+    " FROM taken"
+    ") SELECT * FROM taken"
 )
-_COMPLETE_SET = text(
-    "UPDATE jobs SET status = 'succeeded', result = CAST(done.result AS text), error = NULL,"
+
+# PostgreSQL's completion of many jobs, one statement, its own transaction: lock the rows still
+# leased to the worker in id order (as heartbeat locks them: two transactions that take the
+# same rows in the same order cannot deadlock; the join of the UPDATE locks in whatever order
+# its plan reads), set them succeeded from one JSON array of {id, result, cost}, append their
+# events and insert the outbox rows (built from the claimed jobs) of those updated. The result
+# arrives as ``json``, whose text is kept as sent: stored as is, not encoded twice.
+_COMPLETE = text(
+    "WITH done AS MATERIALIZED ("
+    " SELECT * FROM json_to_recordset(CAST(:done AS json)) AS d(id text, result json, cost bigint)"
+    "), locked AS MATERIALIZED ("
+    " SELECT id FROM jobs WHERE id = ANY(ARRAY(SELECT id FROM done))"
+    " AND status = 'running' AND lease_owner = :worker ORDER BY id FOR UPDATE"
+    "), finished AS ("
+    " UPDATE jobs SET status = 'succeeded', result = CAST(done.result AS text), error = NULL,"
     " cost_micro_usd = done.cost, finished_at = :now, lease_owner = NULL,"
     " lease_expires_at = NULL, event_seq = jobs.event_seq + 1"
-    " FROM json_to_recordset(CAST(:done AS json)) AS done(id text, result json, cost bigint)"
-    " WHERE jobs.id = done.id AND jobs.status = 'running' AND jobs.lease_owner = :worker"
-    " RETURNING jobs.*"
+    " FROM done WHERE jobs.id = done.id AND jobs.id = ANY(ARRAY(SELECT id FROM locked))"
+    " RETURNING jobs.id, jobs.event_seq, jobs.attempts"
+    "), events AS ("
+    " INSERT INTO job_events (job_id, seq, status, at, detail)"
+    " SELECT id, event_seq, 'succeeded', :now, '{\"attempt\":' || attempts || '}' FROM finished"
+    "), outbox AS ("
+    " INSERT INTO webhook_outbox"
+    " SELECT item.* FROM json_populate_recordset(NULL::webhook_outbox, CAST(:outbox AS json))"
+    " AS item WHERE item.job_id = ANY(ARRAY(SELECT id FROM finished))"
+    ") SELECT id FROM finished"
 )
 
 _EXPIRED: dict[str, Any] = {

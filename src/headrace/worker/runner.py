@@ -201,7 +201,7 @@ class JobRunner:
             await self._fail(job, 500, error, {})
             return
         try:
-            finished = await self._complete(Completion(job.id, result, cost))
+            finished = await self._complete(Completion(job, result, cost))
         except Exception as exc:  # the database stayed away: the lease lapses, the job reruns
             log.error("job_result_not_saved", job=job.id, error=repr(exc))
             return
