@@ -4,6 +4,10 @@ At least once: an item stays due until a delivery succeeds or fails for good, an
 ``event_id`` never changes, so a receiver deduplicates by the ``webhook-id`` header. Retries
 back off exponentially with full jitter, honouring ``Retry-After``, up to ``max_attempts``;
 every attempt is kept as the job's delivery history.
+
+Polling: every ``poll_s`` while there is work; after each pass that found nothing the wait
+doubles, up to ``idle_poll_s``, so an idle process costs next to nothing. :meth:`nudge` (the
+worker calls it when a job it finished has a webhook) starts a pass at once.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class OutboxDispatcher:
         *,
         max_attempts: int = 12,
         poll_s: float = 0.2,
+        idle_poll_s: float = 1.0,
         batch: int = 100,
         retry_base_s: float = 1.0,
         retry_cap_s: float = 3600.0,
@@ -43,6 +48,7 @@ class OutboxDispatcher:
         self._secret = secret
         self._max_attempts = max_attempts
         self._poll_s = poll_s
+        self._idle_poll_s = max(idle_poll_s, poll_s)
         self._batch = batch
         self._retry_base_s = retry_base_s
         self._retry_cap_s = retry_cap_s
@@ -74,17 +80,20 @@ class OutboxDispatcher:
         return len(items)
 
     async def _loop(self) -> None:
+        wait_s = self._poll_s
         while True:
+            self._wake.clear()
             try:
                 attempted = await self.deliver_due()
             except Exception as exc:
                 log.warning("webhook_outbox_failed", error=repr(exc))
                 attempted = 0
             if attempted:
+                wait_s = self._poll_s
                 continue
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_s)
+                await asyncio.wait_for(self._wake.wait(), wait_s)
+            wait_s = self._poll_s if self._wake.is_set() else min(wait_s * 2, self._idle_poll_s)
 
     async def _deliver(self, item: OutboxItem) -> None:
         attempt = await self._sender.deliver(

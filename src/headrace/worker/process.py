@@ -38,6 +38,17 @@ def attach_workers(rt: Runtime, *, run_jobs: bool = True) -> JobRunner | None:
     options = rt.jobs_options
     if rt.job_queue is None or options is None:
         return None
+    sender = WebhookSender(
+        timeout_s=options.webhook_timeout_s,
+        allow_private=options.allow_private_webhooks,
+        allow_hosts=options.allow_webhook_hosts,
+    )
+    outbox = OutboxDispatcher(
+        rt.job_queue,
+        sender,
+        webhook_secret(rt),
+        max_attempts=options.webhook_max_attempts,
+    )
     runner = None
     if run_jobs:
         runner = JobRunner(
@@ -49,20 +60,9 @@ def attach_workers(rt: Runtime, *, run_jobs: bool = True) -> JobRunner | None:
             heartbeat_s=options.heartbeat_s,
             retry_base_s=options.retry_base_s,
             retry_cap_s=options.retry_cap_s,
+            on_webhook=outbox.nudge,
         )
         rt.services.append(runner)
         rt.on_job_submitted = runner.nudge
-    sender = WebhookSender(
-        timeout_s=options.webhook_timeout_s,
-        allow_private=options.allow_private_webhooks,
-        allow_hosts=options.allow_webhook_hosts,
-    )
-    rt.services.append(
-        OutboxDispatcher(
-            rt.job_queue,
-            sender,
-            webhook_secret(rt),
-            max_attempts=options.webhook_max_attempts,
-        )
-    )
+    rt.services.append(outbox)
     return runner

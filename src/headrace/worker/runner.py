@@ -60,6 +60,7 @@ class JobRunner:
         retry_cap_s: float = 300.0,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        on_webhook: Callable[[], None] | None = None,
     ) -> None:
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
         self._queue = queue
@@ -74,6 +75,7 @@ class JobRunner:
         self._retry_cap_s = retry_cap_s
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self._on_webhook = on_webhook  # a job ended with a webhook to send (the outbox's nudge)
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
         self._wake = asyncio.Event()
@@ -207,6 +209,7 @@ class JobRunner:
             return
         if finished is not None:
             self.completed += 1
+            self._webhook_written(finished)
 
     async def _complete(self, completion: Completion) -> Job | None:
         """Queue the completion for the next batch (one transaction for many jobs)."""
@@ -292,8 +295,14 @@ class JobRunner:
             else:
                 dead = True
         failure = Failure(detail, retry_at=retry_at, dead=dead)
-        if await self._queue.fail(job.id, self.worker_id, failure) is not None and retry_at is None:
+        after = await self._queue.fail(job.id, self.worker_id, failure)
+        if after is not None and retry_at is None:
             self.failed += 1
+            self._webhook_written(after)
+
+    def _webhook_written(self, job: Job) -> None:
+        if job.webhook_url is not None and job.status.final and self._on_webhook is not None:
+            self._on_webhook()
 
 
 class _KeyGone(HeadraceError):
