@@ -158,6 +158,8 @@ async def test_patch_changes_fields_but_never_the_secret(gateway: GatewayFactory
     [
         ({"rpm": 0}, "rpm"),
         ({"tpm": "lots"}, "tpm"),
+        ({"tpm": 2**31}, "tpm"),  # the store's columns are 32-bit: a 400, not a 500
+        ({"max_parallel": 10**12}, "max_parallel"),
         ({"max_parallel": 1.5}, "max_parallel"),
         ({"budget_usd": 1.1234567}, "budget_usd"),
         ({"budget_usd": -1}, "budget_usd"),
@@ -197,6 +199,8 @@ async def test_bad_team_fields_and_bodies(gateway: GatewayFactory) -> None:
     assert (not_json.status_code, not_json.json()["error"]["code"]) == (400, "invalid_json")
     a_list = await client.post("/admin/teams", json=[], headers=AUTH)
     assert a_list.status_code == 400
+    too_large = await client.post("/admin/teams", json={"tpm": 2**31}, headers=AUTH)
+    assert (too_large.status_code, too_large.json()["error"]["param"]) == (400, "tpm")
     await create_team(client, id="ok")
     bad_patch = await client.patch("/admin/teams/ok", json={"id": "renamed"}, headers=AUTH)
     assert (bad_patch.status_code, bad_patch.json()["error"]["param"]) == (400, "id")
