@@ -317,7 +317,15 @@ class Jobs:
 
     def empty(self) -> None:
         with self.engine.begin() as conn:
-            for table in JOB_TABLES:
+            tables = list(JOB_TABLES)
+            if (
+                self.pg_database is not None
+                and conn.execute(
+                    sqlalchemy.text("SELECT to_regclass('procrastinate_jobs')")
+                ).scalar()
+            ):
+                tables.append("procrastinate_jobs")  # the procrastinate backend's entries
+            for table in tables:
                 conn.execute(sqlalchemy.text(f"DELETE FROM {table}"))
 
     def pending(self) -> int:
@@ -460,15 +468,18 @@ def gateway_config(
     concurrency: int = 1000,
     lease_s: float = 60.0,
     heartbeat_s: float = 15.0,
+    queue: str = "sql",
 ) -> str:
-    """``mock-model`` served by ``mock``, the jobs settings given, access log on. Model requests
-    admitted at once follow ``concurrency``: the default (1,024) would queue, then shed with
-    503, the jobs of a bigger worker."""
+    """``mock-model`` served by ``mock``, the jobs settings given (``queue``: the job queue
+    backend, ``sql`` or ``procrastinate``), access log on. Model requests admitted at once
+    follow ``concurrency``: the default (1,024) would queue, then shed with 503, the jobs of a
+    bigger worker."""
     database = ""
     if database_url is not None:
         database = f"database_url: '{database_url}'\nstore: {{migrate_on_start: false}}\n"
     jobs = (
-        f"{{run_in_process: {str(in_process).lower()}, concurrency: {concurrency}, "
+        f"{{backend: {queue}, run_in_process: {str(in_process).lower()}, "
+        f"concurrency: {concurrency}, "
         f"lease_s: {lease_s}, heartbeat_s: {heartbeat_s}}}"
     )
     admission = f"{{max_concurrent: {max(concurrency, 1024)}, max_queue: 2048}}"
@@ -495,7 +506,12 @@ class Backend:
     db: Jobs
     launch: Launcher
     database_url: str | None = None
+    queue: str = "sql"  # the job queue backend of a PostgreSQL one
     workers: list[Server] = field(default_factory=list)
+
+    def config(self, mock: Server, **jobs: Any) -> str:
+        """The configuration of this backend's workers, with ``jobs`` settings changed."""
+        return gateway_config(mock, self.database_url, in_process=False, queue=self.queue, **jobs)
 
     def pids(self, mock: Server) -> dict[str, int]:
         found = {"API (serve)": self.api.pid, "mock-upstream": mock.pid}
@@ -545,11 +561,14 @@ def embedded(launch: Launcher, mock: Server) -> Backend:
     return Backend("embedded", api, db, launch)
 
 
-def postgres(launch: Launcher, mock: Server, url: str) -> Backend:
-    config = gateway_config(mock, url, in_process=False)
-    api = launch.gateway("postgres", config, migrate=True)
+def postgres(launch: Launcher, mock: Server, url: str, queue: str = "sql") -> Backend:
+    """``serve`` and 2 workers on PostgreSQL; ``queue``: ``sql`` (named ``postgres`` in the
+    tables) or ``procrastinate`` (the issue's production backend)."""
+    name = "postgres" if queue == "sql" else queue
+    config = gateway_config(mock, url, in_process=False, queue=queue)
+    api = launch.gateway(name, config, migrate=True)
     database = sqlalchemy.make_url(url).database
-    backend = Backend("postgres", api, Jobs(url, database), launch, url)
+    backend = Backend(name, api, Jobs(url, database), launch, url, queue)
     backend.start_workers(config, 1000)
     return backend
 
@@ -628,8 +647,8 @@ def throughput_table(results: Sequence[Throughput], goals: list[Goal]) -> Table:
             f"{fmt(percentile(r.sent.latency_ms, 0.5), 0)}/"
             f"{fmt(percentile(r.sent.latency_ms, 0.99), 0)}",
             fmt(r.cpu.per_job_ms("API (serve)", n), 2),
-            fmt(r.cpu.runners_per_job_ms(n), 2) if r.backend == "postgres" else "(in API)",
-            fmt(r.cpu.per_job_ms("PostgreSQL", n), 2) if r.backend == "postgres" else "-",
+            fmt(r.cpu.runners_per_job_ms(n), 2) if r.backend != "embedded" else "(in API)",
+            fmt(r.cpu.per_job_ms("PostgreSQL", n), 2) if r.backend != "embedded" else "-",
             fmt(r.cpu.per_job_ms("mock-upstream", n), 2),
             fmt(r.cpu.per_job_ms("submitter", n), 2),
             fmt(r.cpu.others_share, 0),
@@ -640,10 +659,10 @@ def throughput_table(results: Sequence[Throughput], goals: list[Goal]) -> Table:
                 f"{r.backend} {r.latency_ms} ms: refused {r.sent.failures or 'none'}; "
                 f"not succeeded {unfinished or 'none'}"
             )
-        if r.backend == "postgres" and r.latency_ms == 0:
+        if r.backend != "embedded" and r.latency_ms == 0:
             goals.append(
                 Goal(
-                    "completed jobs/s e2e, PostgreSQL + 2 workers, 0 ms",
+                    f"completed jobs/s e2e, {r.backend} + 2 workers, 0 ms",
                     r.completed_per_s,
                     GOAL_COMPLETED_PER_S,
                     "jobs/s",
@@ -679,8 +698,7 @@ def drain(backend: Backend, mock: Server, plan: Plan, quiet: Quiet) -> Drain:
     set_latency(mock, 0)
     sent = submit(backend.api.url, plan.jobs, plan.clients, "drain")
     quiet.wait()
-    config = gateway_config(mock, backend.database_url, in_process=False)
-    backend.start_workers(config, 1000)
+    backend.start_workers(backend.config(mock), 1000)
     cpu = Cpu(backend.pids(mock), backend.db.pg_database).start()
     drained = backend.db.wait_drained(len(sent.ids), timeout_s=300)
     cpu.stop(0.0)
@@ -689,9 +707,9 @@ def drain(backend: Backend, mock: Server, plan: Plan, quiet: Quiet) -> Drain:
     return Drain(len(sent.ids), rate, drained, backend.db.by_status(), cpu)
 
 
-def drain_table(r: Drain) -> Table:
+def drain_table(r: Drain, backend: str) -> Table:
     table = Table(
-        f"PostgreSQL workers alone: {r.jobs:,} queued jobs drained by 2 workers, upstream 0 ms",
+        f"{backend} workers alone: {r.jobs:,} queued jobs drained by 2 workers, upstream 0 ms",
         ["figure", "value"],
     )
     table.add("completed/s (first started_at to last finished_at)", fmt(r.completed_per_s, 0))
@@ -801,7 +819,7 @@ def in_flight(backend: Backend, mock: Server, plan: Plan, quiet: Quiet) -> list[
     backend.stop_workers()
     backend.db.empty()
     sent = submit(backend.api.url, n, plan.clients, "inflight")
-    config = gateway_config(mock, backend.database_url, in_process=False, concurrency=concurrency)
+    config = backend.config(mock, concurrency=concurrency)
     found = []
     for latency_ms in (1000, HOLD_LATENCY_MS):
         _progress(f"in flight: upstream {latency_ms / 1000:g} s")
@@ -855,10 +873,12 @@ def _sample_in_flight(
     )
 
 
-def in_flight_table(results: Sequence[InFlight], concurrency: int, goals: list[Goal]) -> Table:
+def in_flight_table(
+    results: Sequence[InFlight], concurrency: int, goals: list[Goal], backend: str
+) -> Table:
     table = Table(
-        f"Jobs in flight: {results[0].jobs:,} queued jobs, then 2 workers x --concurrency "
-        f"{concurrency:,}",
+        f"Jobs in flight, {backend}: {results[0].jobs:,} queued jobs, then 2 workers x "
+        f"--concurrency {concurrency:,}",
         ["figure", *(f"upstream {r.latency_ms / 1000:g} s" for r in results)],
     )
     rows: list[tuple[str, Any]] = [
@@ -886,7 +906,7 @@ def in_flight_table(results: Sequence[InFlight], concurrency: int, goals: list[G
     ]
     goals.append(
         Goal(
-            "upstream requests in flight per worker at 1 s",
+            f"upstream requests in flight per worker at 1 s, {backend}",
             results[0].peak_mock / 2,
             GOAL_IN_FLIGHT_PER_WORKER,
             "jobs",
@@ -927,9 +947,7 @@ def crash(backend: Backend, mock: Server, plan: Plan, quiet: Quiet) -> Crash:
     backend.stop_workers()
     backend.db.empty()
     set_latency(mock, 500)
-    config = gateway_config(
-        mock, backend.database_url, in_process=False, lease_s=5.0, heartbeat_s=1.0
-    )
+    config = backend.config(mock, lease_s=5.0, heartbeat_s=1.0)
     backend.start_workers(config, 1000)
     quiet.wait()
     calls_before = mock_calls(mock)
@@ -1002,9 +1020,9 @@ def _in(values: Sequence[str]) -> str:
     return "(" + ", ".join(f"'{v}'" for v in values) + ")"
 
 
-def crash_table(r: Crash, goals: list[Goal]) -> Table:
+def crash_table(r: Crash, goals: list[Goal], backend: str) -> Table:
     table = Table(
-        f"kill -9 of one of 2 workers mid-run: {len(r.sent.ids):,} jobs, PostgreSQL, "
+        f"kill -9 of one of 2 workers mid-run: {len(r.sent.ids):,} jobs, {backend}, "
         "lease 5 s, heartbeat 1 s, upstream 500 ms",
         ["figure", "value"],
     )
@@ -1025,8 +1043,9 @@ def crash_table(r: Crash, goals: list[Goal]) -> Table:
         "from the kill to every job final (s)",
         fmt(r.finish_after_kill_s, 1) + ("" if r.drained else " (timeout)"),
     )
-    goals.append(Goal("crash: lost jobs", float(r.lost), 0, "jobs", digits=0))
-    goals.append(Goal("crash: duplicated results", float(r.duplicated), 0, "jobs", digits=0))
+    goals.append(Goal(f"crash, {backend}: lost jobs", float(r.lost), 0, "jobs", digits=0))
+    duplicated = float(r.duplicated)
+    goals.append(Goal(f"crash, {backend}: duplicated results", duplicated, 0, "jobs", digits=0))
     return table
 
 
@@ -1070,10 +1089,10 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
         _progress("starting mock-upstream and the embedded gateway")
         mock = launch.mock()
         backends = [] if args.no_embedded else [embedded(launch, mock)]
-        if database:
+        for queue in args.queues.split(",") if database else []:
             url = stack.enter_context(fresh_postgres(database))
-            _progress("headrace migrate, then serve and 2 workers on PostgreSQL")
-            backends.append(postgres(launch, mock, url))
+            _progress(f"headrace migrate, then serve and 2 workers on PostgreSQL ({queue} queue)")
+            backends.append(postgres(launch, mock, url, queue))
         for backend in backends:
             stack.callback(backend.db.dispose)
         latencies = [int(ms) for ms in args.latencies.split(",")]
@@ -1090,15 +1109,14 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
             waits.append(queue_wait(backend, mock, plan, rate, quiet))
         if waits:
             _show(queue_wait_table(waits))
-        if database:
-            pg = backends[-1]
+        for pg in (b for b in backends if b.database_url is not None):
             if "drain" in sections:
-                _show(drain_table(drain(pg, mock, plan, quiet)))
+                _show(drain_table(drain(pg, mock, plan, quiet), pg.name))
             if "inflight" in sections:
                 found = in_flight(pg, mock, plan, quiet)
-                _show(in_flight_table(found, plan.in_flight_concurrency, goals))
+                _show(in_flight_table(found, plan.in_flight_concurrency, goals, pg.name))
             if "crash" in sections:
-                _show(crash_table(crash(pg, mock, plan, quiet), goals))
+                _show(crash_table(crash(pg, mock, plan, quiet), goals, pg.name))
     table = goals_table(goals)
     table.notes.append(
         f"other processes: {quiet.waited_s:.0f} s spent waiting for quiet "
@@ -1128,7 +1146,13 @@ def main() -> None:
         f"HEADRACE_TEST_DATABASE_URL or {DEFAULT_DATABASE_URL})",
     )
     parser.add_argument("--no-postgres", action="store_true", help="the embedded backend only")
-    parser.add_argument("--no-embedded", action="store_true", help="the PostgreSQL backend only")
+    parser.add_argument("--no-embedded", action="store_true", help="the PostgreSQL backends only")
+    parser.add_argument(
+        "--queues",
+        default="sql,procrastinate",
+        help="the job queue backends to run on PostgreSQL, comma-separated, each on a database "
+        "of its own (default: sql,procrastinate)",
+    )
     parser.add_argument(
         "--sections",
         default="throughput,wait,drain,inflight,crash",

@@ -53,8 +53,8 @@ FINAL = frozenset({"succeeded", "failed", "cancelled", "dead"})
 CONFIG = """\
 log: {{format: json, access_log: false}}
 {database}
-jobs: {{run_in_process: {in_process}, concurrency: {concurrency}, lease_s: {lease_s}, \
-heartbeat_s: 0.5}}
+jobs: {{backend: {queue}, run_in_process: {in_process}, concurrency: {concurrency}, \
+lease_s: {lease_s}, heartbeat_s: 0.5}}
 models:
   - name: mock-model
     cache: {{enabled: false}}
@@ -74,9 +74,11 @@ def write_config(
     concurrency: int,
     database: str | None = None,
     lease_s: float = 2,
+    queue: str = "sql",
 ) -> Path:
     """SQLite in the data directory and the in-process runner, or ``database`` (PostgreSQL,
-    migrated beforehand) with ``headrace worker`` processes running the jobs."""
+    migrated beforehand) with ``headrace worker`` processes running the jobs on the ``queue``
+    backend."""
     lines = ""
     if database is not None:
         lines = f'database_url: "{database}"\nstore: {{migrate_on_start: false}}'
@@ -86,16 +88,17 @@ def write_config(
             in_process=str(database is None).lower(),
             concurrency=concurrency,
             lease_s=lease_s,
+            queue=queue,
             mock=mock.url,
         )
     )
     return path
 
 
-def migrate(database: str) -> None:
+def migrate(database: str, queue: str = "sql") -> None:
     subprocess.run(
         [sys.executable, "-m", "headrace", "migrate"],
-        env={**os.environ, "HEADRACE_DATABASE_URL": database},
+        env={**os.environ, "HEADRACE_DATABASE_URL": database, "HEADRACE_JOBS__BACKEND": queue},
         check=True,
         capture_output=True,
     )
@@ -326,11 +329,14 @@ async def test_embedded_server_killed_mid_run_finishes_every_job_once_after_rest
     check(result, ids, held, calls)
 
 
+@pytest.mark.parametrize("queue", ["sql", "procrastinate"])
 async def test_postgres_worker_killed_mid_run_the_other_finishes_every_job_once(
-    tmp_path: Path, mock: Server, database: str
+    tmp_path: Path, mock: Server, database: str, queue: str
 ) -> None:
-    migrate(database)
-    config = write_config(tmp_path / "headrace.yaml", mock, concurrency=5, database=database)
+    migrate(database, queue)
+    config = write_config(
+        tmp_path / "headrace.yaml", mock, concurrency=5, database=database, queue=queue
+    )
     api = await asyncio.to_thread(serve, tmp_path, config, "serve")
     workers = await asyncio.gather(
         *(asyncio.to_thread(worker, tmp_path, config, f"worker-{n}", 5) for n in (1, 2))

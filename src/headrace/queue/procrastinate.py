@@ -22,9 +22,14 @@ a lease, an idempotent request run inline, gets its entry ``doing`` at once),
 ``procrastinate_retry_job_v1`` when a job goes back to ``queued`` (a retry at ``retry_at``, a
 release, a recovery), ``procrastinate_finish_job_v1`` when it ends (succeeded, failed, dead,
 expired, cancelled: status ``succeeded``, ``failed`` or ``aborted``, and the entry deleted:
-Headrace's events are the history, so ``procrastinate_jobs`` holds only live work). The
-parent's seams this relies on, private to the two classes: ``_write`` (every transaction),
-``_expire`` and ``_take`` (the claim's two steps); the contract suite runs on both backends.
+Headrace's events are the history, so ``procrastinate_jobs`` holds only live work). The two
+operations a busy worker repeats are single statements in the parent, run in autocommit; here
+they stay single statements with the entries' part as one more ``WITH`` clause: the claim
+(:data:`_CLAIM`) and the completion of a batch (:data:`_COMPLETE`, which deletes the entries
+as ``procrastinate_finish_job_v1(..., delete_job => true)`` does, set-based). The parent's
+seams this relies on, private to the two classes: ``_write`` (every transaction), ``_expire``
+and ``_take`` (the claim's two steps), ``_completion`` (the completion statement) and the SQL
+clauses ``CLAIM_EVENTS`` and ``COMPLETE_CLAUSES``; the contract suite runs on both backends.
 
 An entry is task ``headrace.run_job`` in queue ``headrace`` with args ``{"job_id": ...}``, and
 both its ``lock`` and its ``queueing_lock`` are the job id: Procrastinate's own unique partial
@@ -44,7 +49,8 @@ band (a backlog that never drains for that long) sorts last in its band, never i
 Claim. The fetch is ``procrastinate_fetch_job_v2``'s, in one statement for ``limit`` jobs:
 ``todo`` entries of the queue whose ``scheduled_at`` passed and whose lock has no ``doing``
 entry, by ``priority DESC, id``, ``FOR UPDATE SKIP LOCKED``, set ``doing`` with this process's
-worker id; the same statement moves their jobs to ``running`` with the lease. The function
+worker id; the same statement moves their jobs to ``running`` with the lease and appends
+their events. The function
 itself is not called because it fetches one job per call, and it reads the database's
 ``now()``, while ``run_after``, deadlines and leases are on the queue's clock (the clock the
 contract tests fake): two clocks would let a job's ``run_after`` and its entry's
@@ -80,12 +86,12 @@ from contextvars import ContextVar
 from typing import Any
 
 import structlog
-from sqlalchemy import Row, select, text
+from sqlalchemy import Executable, Row, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from headrace.domain import Job, JobStatus, Priority
 from headrace.queue.base import Completion, Failure, Idempotency, Lease
-from headrace.queue.sql import Clock, SqlJobQueue
+from headrace.queue.sql import CLAIM_EVENTS, COMPLETE_CLAUSES, Clock, SqlJobQueue
 from headrace.store.engine import async_url, create_engine, is_sqlite
 from headrace.store.migrate import SchemaOutOfDateError
 from headrace.store.schema import jobs
@@ -206,7 +212,7 @@ _ADRIFT = text(
 # whatever plan the prepared statement gets (as SqlJobQueue._among). The worker id is looked
 # up rather than trusted: a row pruned meanwhile leaves NULL, not a foreign-key error.
 _CLAIM = text(
-    "WITH candidate AS MATERIALIZED ("
+    "WITH candidate AS MATERIALIZED ("  # noqa: S608 - built from constants
     "  SELECT p.id, p.lock, p.priority FROM procrastinate_jobs AS p"
     "  WHERE p.status = 'todo' AND p.queue_name = :queue"
     "    AND (p.scheduled_at IS NULL OR p.scheduled_at <= to_timestamp(:now))"
@@ -228,11 +234,23 @@ _CLAIM = text(
     "  FROM candidate AS c"
     "  WHERE p.id = c.id AND c.lock IN (SELECT id FROM claimable)"
     "  RETURNING p.id, p.lock, p.priority"
-    ")"
+    "), taken AS ("
     " UPDATE jobs SET status = 'running', attempts = jobs.attempts + 1, started_at = :now,"
     "   lease_owner = :worker, lease_expires_at = :expires, event_seq = jobs.event_seq + 1"
     " FROM fetched WHERE jobs.id = fetched.lock"
     " RETURNING jobs.*, fetched.priority AS dispatch_priority, fetched.id AS dispatch_id"
+    "), " + CLAIM_EVENTS + " SELECT * FROM taken"
+)
+
+# The completion (the parent's clauses), whose entries are finished and deleted in the same
+# statement: what ``procrastinate_finish_job_v1(id, status, delete_job => true)`` does to each
+# (a DELETE of the entry while todo or doing), as one set-based clause. Its entry is
+# ``doing``, found by ``lock`` (Procrastinate's unique partial index).
+_COMPLETE = text(
+    COMPLETE_CLAUSES + ", entries AS ("  # noqa: S608 - built from constants
+    " DELETE FROM procrastinate_jobs AS p WHERE p.lock = ANY(ARRAY(SELECT id FROM finished))"
+    f" AND p.status = 'doing' AND p.queue_name = '{QUEUE}')"
+    " SELECT id FROM finished"
 )
 
 
@@ -303,13 +321,6 @@ class ProcrastinateJobQueue(SqlJobQueue):
             finally:
                 self._open.reset(token)
 
-    @asynccontextmanager
-    async def _once(self) -> AsyncIterator[AsyncConnection]:
-        """The parent's one-statement operations get a transaction here: this backend adds
-        its own statements to them."""
-        async with self._write() as conn:
-            yield conn
-
     # -- submission ---------------------------------------------------------------------------
 
     async def submit(
@@ -352,9 +363,7 @@ class ProcrastinateJobQueue(SqlJobQueue):
             "worker": worker,
             "expires": now + lease_s,
         }
-        claimed = list(await conn.execute(_CLAIM, params))
-        changes = [(row, {"worker": worker, "attempt": row.attempts}) for row in claimed]
-        await self._record(conn, changes, now)
+        claimed = await conn.execute(_CLAIM, params)
         # RETURNING comes in no particular order.
         return sorted(claimed, key=lambda r: (-r.dispatch_priority, r.dispatch_id))
 
@@ -368,13 +377,8 @@ class ProcrastinateJobQueue(SqlJobQueue):
         (done,) = await self.complete_many(worker, [Completion(job, result, cost_micro_usd)])
         return done
 
-    async def complete_many(
-        self, worker: str, completions: Sequence[Completion]
-    ) -> list[Job | None]:
-        async with self._write() as conn:
-            done = await super().complete_many(worker, completions)
-            await self._finish(conn, [job.id for job in done if job is not None], "succeeded")
-        return done
+    def _completion(self) -> Executable:
+        return _COMPLETE
 
     async def fail(self, job_id: str, worker: str, failure: Failure) -> Job | None:
         async with self._write() as conn:

@@ -117,7 +117,7 @@ from headrace.store.schema import (
     webhook_outbox,
 )
 
-__all__ = ["WEBHOOK_LEASE_S", "SqlJobQueue", "job_view"]
+__all__ = ["CLAIM_EVENTS", "COMPLETE_CLAUSES", "WEBHOOK_LEASE_S", "SqlJobQueue", "job_view"]
 
 WEBHOOK_LEASE_S = 30.0
 """How long :meth:`SqlJobQueue.due_webhooks` leases an outbox item to its deliverer."""
@@ -495,7 +495,11 @@ class SqlJobQueue:
             "worker": worker,
             "now": now,
         }
-        return set((await conn.execute(_COMPLETE, params)).scalars())
+        return set((await conn.execute(self._completion(), params)).scalars())
+
+    def _completion(self) -> Executable:
+        """PostgreSQL's completion statement (:data:`COMPLETE_CLAUSES`)."""
+        return _COMPLETE
 
     async def fail(self, job_id: str, worker: str, failure: Failure) -> Job | None:
         now = self._clock()
@@ -1014,33 +1018,37 @@ def _take_sqlite() -> Executable:
     )
 
 
+# PostgreSQL: the claim events of the rows a claim's ``taken`` clause returns, written as
+# orjson writes the detail elsewhere (a data-modifying WITH clause: it runs even unread).
+CLAIM_EVENTS = (
+    "claimed AS ("
+    " INSERT INTO job_events (job_id, seq, status, at, detail)"
+    " SELECT id, event_seq, 'running', :now,"
+    " '{\"worker\":' || to_json(CAST(:worker AS text)) || ',\"attempt\":' || attempts || '}'"
+    " FROM taken)"
+)
+
 # PostgreSQL's claim, one statement, its own transaction: lease the runnable jobs in queue
-# order (the array form, see SqlJobQueue._among) and append their events, whose detail is
-# written as orjson writes it elsewhere.
+# order (the array form, see SqlJobQueue._among) and append their events.
 _CLAIM = text(
-    "WITH taken AS ("
+    "WITH taken AS ("  # noqa: S608 - built from constants
     " UPDATE jobs SET status = 'running', attempts = jobs.attempts + 1, started_at = :now,"
     " lease_owner = :worker, lease_expires_at = :expires, event_seq = jobs.event_seq + 1"
     " WHERE jobs.id = ANY(ARRAY("
     "  SELECT id FROM jobs WHERE status = 'queued' AND run_after <= :now"
     "  AND (deadline_at IS NULL OR deadline_at > :now)"
     "  ORDER BY priority_rank DESC, fair_seq, created_at LIMIT :limit FOR UPDATE SKIP LOCKED))"
-    " RETURNING jobs.*"
-    "), claimed AS ("
-    " INSERT INTO job_events (job_id, seq, status, at, detail)"
-    " SELECT id, event_seq, 'running', :now,"
-    " '{\"worker\":' || to_json(CAST(:worker AS text)) || ',\"attempt\":' || attempts || '}'"
-    " FROM taken"
-    ") SELECT * FROM taken"
+    " RETURNING jobs.*), " + CLAIM_EVENTS + " SELECT * FROM taken"
 )
 
-# PostgreSQL's completion of many jobs, one statement, its own transaction: lock the rows still
-# leased to the worker in id order (as heartbeat locks them: two transactions that take the
-# same rows in the same order cannot deadlock; the join of the UPDATE locks in whatever order
-# its plan reads), set them succeeded from one JSON array of {id, result, cost}, append their
-# events and insert the outbox rows (built from the claimed jobs) of those updated. The result
-# arrives as ``json``, whose text is kept as sent: stored as is, not encoded twice.
-_COMPLETE = text(
+# PostgreSQL's completion of many jobs, the WITH clauses of one statement that is its own
+# transaction: lock the rows still leased to the worker in id order (as heartbeat locks them:
+# two transactions that take the same rows in the same order cannot deadlock; the join of
+# the UPDATE locks in whatever order its plan reads), set them succeeded from one JSON array
+# of {id, result, cost}, append their events and insert the outbox rows (built from the
+# claimed jobs) of those updated. ``finished`` holds the ids done; a backend may add clauses.
+# The result arrives as ``json``, whose text is kept as sent: stored as is, not encoded twice.
+COMPLETE_CLAUSES = (
     "WITH done AS MATERIALIZED ("
     " SELECT * FROM json_to_recordset(CAST(:done AS json)) AS d(id text, result json, cost bigint)"
     "), locked AS MATERIALIZED ("
@@ -1058,9 +1066,9 @@ _COMPLETE = text(
     "), outbox AS ("
     " INSERT INTO webhook_outbox"
     " SELECT item.* FROM json_populate_recordset(NULL::webhook_outbox, CAST(:outbox AS json))"
-    " AS item WHERE item.job_id = ANY(ARRAY(SELECT id FROM finished))"
-    ") SELECT id FROM finished"
+    " AS item WHERE item.job_id = ANY(ARRAY(SELECT id FROM finished)))"
 )
+_COMPLETE = text(COMPLETE_CLAUSES + " SELECT id FROM finished")  # noqa: S608 - constants
 
 _EXPIRED: dict[str, Any] = {
     "message": (
