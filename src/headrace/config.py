@@ -213,7 +213,7 @@ class LimitsConfig(_Strict):
         900.0, gt=0, description="A parallel-request slot is freed after this long regardless."
     )
     settle_linger_s: float = Field(
-        0.005,
+        0.0,
         ge=0,
         le=0.1,
         description="For backend redis: how long a settlement may wait to ride the next call.",

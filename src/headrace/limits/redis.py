@@ -2,10 +2,10 @@
 
 :meth:`RedisLimiter.acquire` is one ``EVALSHA``: a Lua script checks every demand on Redis's
 ``TIME`` (whole microseconds, exact in a Lua double), then writes all of them or none.
-:meth:`RedisLimiter.settle` holds its settlement for a few milliseconds at most
-(``settle_linger_s``), so that it rides the next acquire's call, which applies it before its
-own demands, or one call that sends every settlement held: about one command per request
-instead of two. Under the prefix ``p`` (default ``hr:lim:``):
+:meth:`RedisLimiter.settle` holds its settlement until the next event-loop turn, or for a
+few milliseconds at most when ``settle_linger_s`` says so, so that it rides the next acquire's
+call, which applies it before its own demands, or one call that sends every settlement held
+(with a linger, about one command per request instead of two at a steady rate). Under the prefix ``p`` (default ``hr:lim:``):
 
 - ``{p}r:{key}`` — RATE: a hash ``u`` (level, units, ``%.17g``) and ``t`` (when written, µs).
   The level drains at ``limit / window`` per µs; a missing counter is an empty one. The hash
@@ -356,8 +356,9 @@ class RedisLimiter:
     Settlements are held for up to ``settle_linger_s`` and go to Redis in the next call that
     leaves meanwhile: the next :meth:`acquire` carries them (its script applies them first, so
     it sees the slots and tokens they free), or, if none comes in time, one call sends every
-    settlement held. At a steady rate that is one command per request instead of two; each
-    write to Redis's socket costs the gateway about 100 µs of kernel time when Redis is idle.
+    settlement held. With a linger, at a steady rate that is one command per request instead
+    of two (each write to an idle Redis's socket costs the gateway about 35 µs of kernel time
+    here); the default, 0, keeps other processes' view of freed slots as prompt as before.
     :meth:`settle` returns once its settlement is applied (or raises, as before, if the call
     carrying it failed); :meth:`aclose` sends every settlement still held first.
     """
@@ -369,7 +370,7 @@ class RedisLimiter:
         prefix: str = "hr:lim:",
         timeout_s: float = 0.5,
         max_connections: int = 100,
-        settle_linger_s: float = 0.005,
+        settle_linger_s: float = 0.0,
     ) -> None:
         self._redis = _Connections(url, limit=max_connections, timeout_s=timeout_s)
         self._where = self._redis.where
