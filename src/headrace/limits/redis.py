@@ -5,7 +5,8 @@
 :meth:`RedisLimiter.settle` holds its settlement until the next event-loop turn, or for a
 few milliseconds at most when ``settle_linger_s`` says so, so that it rides the next acquire's
 call, which applies it before its own demands, or one call that sends every settlement held
-(with a linger, about one command per request instead of two at a steady rate). Under the prefix ``p`` (default ``hr:lim:``):
+(with a linger, about one command per request instead of two at a steady rate). Under the
+prefix ``p`` (default ``hr:lim:``):
 
 - ``{p}r:{key}`` — RATE: a hash ``u`` (level, units, ``%.17g``) and ``t`` (when written, µs).
   The level drains at ``limit / window`` per µs; a missing counter is an empty one. The hash
