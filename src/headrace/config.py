@@ -318,6 +318,12 @@ class JobsConfig(_Strict):
     retry_base_s: float = Field(1.0, gt=0)
     retry_cap_s: float = Field(300.0, gt=0)
     idempotency_ttl_s: float = Field(86_400.0, gt=0, description="How long keys are remembered.")
+    retention_days: float = Field(
+        30.0,
+        ge=0,
+        description="Jobs that ended this long ago (succeeded, failed, cancelled; not dead "
+        "letters, not batch jobs) are deleted with their history; 0 keeps them forever.",
+    )
     webhooks: WebhooksConfig = WebhooksConfig()
 
     @model_validator(mode="after")

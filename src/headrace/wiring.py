@@ -88,6 +88,7 @@ class JobsOptions:
     allow_private_webhooks: bool
     allow_webhook_hosts: frozenset[str]
     webhook_secret: str | None  # None: generated into data_dir on first start
+    retention_s: float | None = None  # finished jobs older than this are purged; None: kept
 
 
 @dataclass(slots=True)
@@ -405,6 +406,7 @@ def build_jobs(
         allow_private_webhooks=hooks.allow_private_targets,
         allow_webhook_hosts=frozenset(hooks.allow_hosts),
         webhook_secret=hooks.signing_secret.get_secret_value() if hooks.signing_secret else None,
+        retention_s=config.retention_days * 86_400 if config.retention_days else None,
     )
     return JobService(queue, validate, policy), queue, options
 

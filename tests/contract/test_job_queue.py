@@ -638,6 +638,46 @@ async def test_record_delivery_keeps_history_and_reschedules(
     assert await queue.deliveries("nope") == []
 
 
+async def test_purge_deletes_ended_jobs_past_retention_with_their_history(
+    queue: SqlJobQueue, clock: FakeClock
+) -> None:
+    await queue.submit(job("old-ok", webhook_url=HOOK), idem("k-old"))
+    await queue.submit_many(
+        [
+            job("old-failed", at=T0 + 1),
+            job("old-cancelled", at=T0 + 2),
+            job("old-dead", at=T0 + 3),
+            job("old-batch", at=T0 + 4, batch_id="batch_1"),
+            job("running", at=T0 + 5),
+        ]
+    )
+    await queue.cancel("old-cancelled")
+    claimed = {j.id: j for j in await queue.claim("w1", 10, LEASE_S)}
+    await queue.complete(claimed["old-ok"], "w1", {"ok": True}, 1)
+    await queue.complete(claimed["old-batch"], "w1", {"ok": True}, 1)
+    await queue.fail("old-failed", "w1", Failure(error=BOOM, retry_at=None))
+    await queue.fail("old-dead", "w1", Failure(error=BOOM, retry_at=None, dead=True))
+    [item] = [i for i in await queue.due_webhooks(10) if i.job_id == "old-ok"]
+    await queue.record_delivery(DeliveryRecord(item.event_id, 1, clock.now, 200, "delivered"), None)
+    clock.advance(100)
+    await queue.submit(job("new-ok", at=clock.now))
+    [new] = await queue.claim("w2", 1, LEASE_S)
+    await queue.complete(new, "w2", {"ok": True}, 1)
+
+    assert await queue.purge(T0 + 50, 2) == 2  # a batch at a time
+    assert await queue.purge(T0 + 50, 10) == 1
+    assert await queue.purge(T0 + 50, 10) == 0
+    for gone in ("old-ok", "old-failed", "old-cancelled"):
+        assert await queue.get(gone) is None
+        assert await queue.events(gone) == []
+    assert await queue.deliveries("old-ok") == []
+    kept = {"old-dead", "old-batch", "running", "new-ok"}  # dead letter, batch, live, recent
+    for job_id in kept:
+        assert await queue.get(job_id) is not None
+    again, created = await queue.submit(job("again", at=clock.now), idem("k-old"))
+    assert (again.id, created) == ("again", True)  # the purged job's key is free
+
+
 # -- concurrency ------------------------------------------------------------------------------
 
 

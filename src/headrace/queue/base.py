@@ -185,6 +185,13 @@ class JobQueue(Protocol):
         ``failed``. None when ``worker`` no longer holds the lease."""
         ...
 
+    async def purge(self, finished_before: float, limit: int) -> int:
+        """Delete up to ``limit`` jobs that ended (succeeded, failed or cancelled) before
+        ``finished_before`` and belong to no batch, with their events, idempotency keys,
+        webhook outbox rows and delivery history; how many. Dead letters stay until replayed
+        or discarded."""
+        ...
+
     async def release(self, worker: str, job_ids: Sequence[str]) -> None:
         """Give jobs back unfinished (graceful shutdown): ``queued`` again, attempt refunded."""
         ...

@@ -127,6 +127,8 @@ _EXPIRE_BATCH = 1000  # deadline sweeps per claim: bounds one claim's transactio
 # its own query skips them; the sweep only marks them failed, a second or so later).
 EXPIRE_SWEEP_S = 1.0
 _QUEUED = JobStatus.QUEUED.value
+# What retention deletes: ended jobs; dead letters wait for an operator.
+_PURGED = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
 _RUNNING = JobStatus.RUNNING.value
 
 Clock = Callable[[], float]
@@ -725,6 +727,32 @@ class SqlJobQueue:
             await conn.execute(delete(job_idempotency).where(job_idempotency.c.job_id == job_id))
             await conn.execute(delete(jobs).where(jobs.c.id == job_id))
         return True
+
+    async def purge(self, finished_before: float, limit: int) -> int:
+        c = jobs.c
+        async with self._write() as conn:
+            picked = (
+                select(c.id)
+                .where(
+                    c.status.in_(_PURGED),
+                    c.finished_at < finished_before,
+                    c.batch_id.is_(None),
+                )
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            ids = list((await conn.execute(picked)).scalars())
+            if not ids:
+                return 0
+            outbox = select(webhook_outbox.c.event_id).where(webhook_outbox.c.job_id.in_(ids))
+            await conn.execute(
+                delete(webhook_deliveries).where(webhook_deliveries.c.event_id.in_(outbox))
+            )
+            await conn.execute(delete(webhook_outbox).where(webhook_outbox.c.job_id.in_(ids)))
+            await conn.execute(delete(job_events).where(job_events.c.job_id.in_(ids)))
+            await conn.execute(delete(job_idempotency).where(job_idempotency.c.job_id.in_(ids)))
+            await conn.execute(delete(jobs).where(c.id.in_(ids)))
+        return len(ids)
 
     async def depth(self) -> list[QueueDepth]:
         """Every priority, most important first (zeros when empty). ``queued`` counts every

@@ -60,6 +60,7 @@ def attach_workers(rt: Runtime, *, run_jobs: bool = True) -> JobRunner | None:
             heartbeat_s=options.heartbeat_s,
             retry_base_s=options.retry_base_s,
             retry_cap_s=options.retry_cap_s,
+            retention_s=options.retention_s,
             on_webhook=outbox.nudge,
         )
         rt.services.append(runner)

@@ -41,6 +41,8 @@ PrincipalOf = Callable[[str], Awaitable[Principal | None]]
 TRANSIENT_STATUSES = frozenset({408, 409, 429, 499, 500, 502, 503, 504})
 COMPLETION_BATCH_S = 0.005  # results wait at most this long to share a transaction
 CLAIM_GATHER_S = 0.02  # after a claim that found fewer jobs than it asked for
+PURGE_EVERY_S = 600.0  # how often a runner deletes the jobs past their retention
+PURGE_BATCH = 1000  # jobs per purge transaction
 
 
 class JobRunner:
@@ -61,6 +63,7 @@ class JobRunner:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_webhook: Callable[[], None] | None = None,
+        retention_s: float | None = None,
     ) -> None:
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
         self._queue = queue
@@ -76,6 +79,8 @@ class JobRunner:
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._on_webhook = on_webhook  # a job ended with a webhook to send (the outbox's nudge)
+        self._retention_s = retention_s
+        self._next_purge_at = 0.0
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
         self._wake = asyncio.Event()
@@ -185,7 +190,29 @@ class JobRunner:
                 if recovered:
                     log.info("jobs_recovered", jobs=recovered)
                     self._wake.set()
+            await self.purge()
             await asyncio.sleep(self._lease_s / 2)
+
+    async def purge(self) -> int:
+        """Delete the jobs past their retention (at most every :data:`PURGE_EVERY_S`, in
+        transactions of :data:`PURGE_BATCH`); how many. Every runner does it; they skip each
+        other's rows."""
+        now = self._clock()
+        if self._retention_s is None or now < self._next_purge_at:
+            return 0
+        self._next_purge_at = now + PURGE_EVERY_S
+        purged = 0
+        try:
+            while True:
+                deleted = await self._queue.purge(now - self._retention_s, PURGE_BATCH)
+                purged += deleted
+                if deleted < PURGE_BATCH:
+                    break
+        except Exception as exc:
+            log.warning("jobs_purge_failed", error=repr(exc))
+        if purged:
+            log.info("jobs_purged", jobs=purged, retention_s=self._retention_s)
+        return purged
 
     # -- one job ------------------------------------------------------------------------------
 
