@@ -508,6 +508,7 @@ class Backend:
     database_url: str | None = None
     queue: str = "sql"  # the job queue backend of a PostgreSQL one
     workers: list[Server] = field(default_factory=list)
+    results: list[Throughput | QueueWait] = field(default_factory=list)
 
     def config(self, mock: Server, **jobs: Any) -> str:
         """The configuration of this backend's workers, with ``jobs`` settings changed."""
@@ -782,11 +783,6 @@ def queue_wait_table(results: Sequence[QueueWait]) -> Table:
 
 HOLD_LATENCY_MS = 30_000  # long enough for the workers to start every job they can hold
 
-REQUEUE = """\
-UPDATE jobs SET status = 'queued', attempts = 0, run_after = 0, started_at = NULL,
-    finished_at = NULL, result = NULL, error = NULL, lease_owner = NULL, lease_expires_at = NULL
-"""
-
 
 @dataclass(slots=True)
 class InFlight:
@@ -812,26 +808,23 @@ def in_flight(backend: Backend, mock: Server, plan: Plan, quiet: Quiet) -> list[
     """Queue ``plan.in_flight_jobs`` with no worker running (so that the backlog, not the
     submission rate, feeds the workers), start 2 workers with ``--concurrency
     plan.in_flight_concurrency`` and sample what they hold until every job is final; at 1 s
-    upstream latency, then (the same jobs queued again) at 30 s."""
+    upstream latency, then (as many jobs queued anew) at 30 s. Jobs are queued through the
+    API each time, so every backend's own dispatch (Procrastinate's entries) has them."""
     assert backend.database_url is not None
     n, concurrency = plan.in_flight_jobs, plan.in_flight_concurrency
-    _progress(f"in flight: {n:,} jobs queued, then 2 workers x {concurrency:,}")
-    backend.stop_workers()
-    backend.db.empty()
-    sent = submit(backend.api.url, n, plan.clients, "inflight")
     config = backend.config(mock, concurrency=concurrency)
     found = []
     for latency_ms in (1000, HOLD_LATENCY_MS):
+        _progress(f"in flight: {n:,} jobs queued, then 2 workers x {concurrency:,}")
+        backend.stop_workers()
+        backend.db.empty()
+        sent = submit(backend.api.url, n, plan.clients, f"inflight {latency_ms}")
         _progress(f"in flight: upstream {latency_ms / 1000:g} s")
         set_latency(mock, latency_ms)
         quiet.wait()
         found.append(_sample_in_flight(backend, mock, config, concurrency, latency_ms))
-        backend.stop_workers()
-        with backend.db.engine.begin() as conn:
-            conn.execute(sqlalchemy.text(REQUEUE))
-            conn.execute(sqlalchemy.text("DELETE FROM job_events"))
-    for result in found:
-        result.jobs = len(sent.ids)
+        found[-1].jobs = len(sent.ids)
+    backend.stop_workers()
     return found
 
 
@@ -1077,6 +1070,36 @@ def header(quick: bool, code: Code, database: str | None) -> str:
     )
 
 
+def measure(
+    backend: Backend,
+    mock: Server,
+    plan: Plan,
+    sections: set[str],
+    latencies: list[int],
+    quiet: Quiet,
+    goals: list[Goal],
+) -> list[Table]:
+    """Every section asked for, on ``backend``: its throughput and queue-wait results go to
+    ``backend.results``; the tables of the PostgreSQL-only sections are returned."""
+    if sections & {"throughput", "wait"}:
+        backend.results += [throughput(backend, mock, plan, ms, quiet) for ms in latencies]
+    if "wait" in sections and 0 in latencies:
+        e2e = next(r for r in backend.results if isinstance(r, Throughput) and r.latency_ms == 0)
+        rate = max(10.0, min(plan.wait_rate_cap, round(e2e.completed_per_s / 2, -1)))
+        backend.results.append(queue_wait(backend, mock, plan, rate, quiet))
+    tables: list[Table] = []
+    if backend.database_url is None:
+        return tables
+    if "drain" in sections:
+        tables.append(drain_table(drain(backend, mock, plan, quiet), backend.name))
+    if "inflight" in sections:
+        found = in_flight(backend, mock, plan, quiet)
+        tables.append(in_flight_table(found, plan.in_flight_concurrency, goals, backend.name))
+    if "crash" in sections:
+        tables.append(crash_table(crash(backend, mock, plan, quiet), goals, backend.name))
+    return tables
+
+
 def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
     code = Code.at(args.commit, workdir)
     database = None if args.no_postgres else args.database_url
@@ -1084,39 +1107,37 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
     print(header(args.quick, code, database), end="\n\n", flush=True)
     goals: list[Goal] = []
     quiet = Quiet(plan.quiet_budget_s)
+    latencies = [int(ms) for ms in args.latencies.split(",")]
+    results: list[Throughput] = []
+    waits: list[QueueWait] = []
+    later: list[Table] = []  # the PostgreSQL backends' own sections, shown after the others
     with contextlib.ExitStack() as stack:
-        launch = Launcher(stack, workdir, code)
-        _progress("starting mock-upstream and the embedded gateway")
-        mock = launch.mock()
-        backends = [] if args.no_embedded else [embedded(launch, mock)]
-        for queue in args.queues.split(",") if database else []:
-            url = stack.enter_context(fresh_postgres(database))
-            _progress(f"headrace migrate, then serve and 2 workers on PostgreSQL ({queue} queue)")
-            backends.append(postgres(launch, mock, url, queue))
-        for backend in backends:
-            stack.callback(backend.db.dispose)
-        latencies = [int(ms) for ms in args.latencies.split(",")]
-        measured = sections & {"throughput", "wait"}
-        results = [
-            throughput(b, mock, plan, ms, quiet) for b in backends for ms in latencies if measured
-        ]
-        if "throughput" in sections:
-            _show(throughput_table(results, goals))
-        waits = []
-        for backend in backends if "wait" in sections and 0 in latencies else []:
-            e2e = next(r for r in results if r.backend == backend.name and r.latency_ms == 0)
-            rate = max(10.0, min(plan.wait_rate_cap, round(e2e.completed_per_s / 2, -1)))
-            waits.append(queue_wait(backend, mock, plan, rate, quiet))
-        if waits:
-            _show(queue_wait_table(waits))
-        for pg in (b for b in backends if b.database_url is not None):
-            if "drain" in sections:
-                _show(drain_table(drain(pg, mock, plan, quiet), pg.name))
-            if "inflight" in sections:
-                found = in_flight(pg, mock, plan, quiet)
-                _show(in_flight_table(found, plan.in_flight_concurrency, goals, pg.name))
-            if "crash" in sections:
-                _show(crash_table(crash(pg, mock, plan, quiet), goals, pg.name))
+        _progress("starting mock-upstream")
+        mock = Launcher(stack, workdir, code).mock()
+        kinds = [] if args.no_embedded else ["embedded"]
+        kinds += args.queues.split(",") if database else []
+        for kind in kinds:
+            # One backend at a time, stopped before the next: idle servers would be noise.
+            with contextlib.ExitStack() as own:
+                launch = Launcher(own, workdir, code)
+                if kind == "embedded":
+                    _progress("starting the embedded gateway")
+                    backend = embedded(launch, mock)
+                else:
+                    assert database is not None
+                    url = own.enter_context(fresh_postgres(database))
+                    _progress(f"headrace migrate, then serve and 2 workers ({kind} queue)")
+                    backend = postgres(launch, mock, url, kind)
+                own.callback(backend.db.dispose)
+                later += measure(backend, mock, plan, sections, latencies, quiet, goals)
+                results += [r for r in backend.results if isinstance(r, Throughput)]
+                waits += [r for r in backend.results if isinstance(r, QueueWait)]
+    if "throughput" in sections:
+        _show(throughput_table(results, goals))
+    if waits:
+        _show(queue_wait_table(waits))
+    for table in later:
+        _show(table)
     table = goals_table(goals)
     table.notes.append(
         f"other processes: {quiet.waited_s:.0f} s spent waiting for quiet "
