@@ -252,21 +252,24 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
-def submitter_main(raw: str) -> None:
+def submitter_main(raw: str, path: str) -> None:
     import uvloop
 
     out = uvloop.run(_submit(SubmitSpec(**json.loads(raw))))
-    sys.stdout.write(json.dumps(dataclasses.asdict(out)))
-    sys.stdout.flush()
+    Path(path).write_text(json.dumps(dataclasses.asdict(out)))
 
 
 class Submission:
     """A submitter process, started at once; :meth:`result` waits for it."""
 
     def __init__(self, spec: SubmitSpec) -> None:
+        # The result goes to a file: through a pipe it came back cut at 64 KiB, twice.
+        fd, name = tempfile.mkstemp(prefix="headrace-submitted-", suffix=".json")
+        os.close(fd)
+        self.path = Path(name)
+        raw = json.dumps(dataclasses.asdict(spec))
         self.proc = subprocess.Popen(
-            [_procs.PYTHON, __file__, "--submitter", json.dumps(dataclasses.asdict(spec))],
-            stdout=subprocess.PIPE,
+            [_procs.PYTHON, __file__, "--submitter", raw, str(self.path)],
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -276,14 +279,15 @@ class Submission:
 
     def result(self, timeout_s: float = 600) -> Submitted:
         try:
-            out, _ = self.proc.communicate(timeout=timeout_s)
+            self.proc.wait(timeout=timeout_s)
+            if self.proc.returncode != 0:
+                raise RuntimeError(f"the submitter exited with status {self.proc.returncode}")
+            return Submitted(**json.loads(self.path.read_text()))
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.returncode != 0:
-            raise RuntimeError(f"the submitter exited with status {self.proc.returncode}")
-        return Submitted(**json.loads(out))
+            self.path.unlink(missing_ok=True)
 
 
 def submit(url: str, count: int, clients: int, tag: str, rate: float = 0.0) -> Submitted:
@@ -1155,8 +1159,8 @@ def _out_of_time(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--submitter":
-        submitter_main(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "--submitter":
+        submitter_main(sys.argv[2], sys.argv[3])
         return
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts, about 3 minutes")

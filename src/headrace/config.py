@@ -305,8 +305,9 @@ class WebhooksConfig(_Strict):
 class JobsConfig(_Strict):
     backend: Literal["sql", "procrastinate"] = Field(
         "sql",
-        description="sql: the job table in the store's database, run by in-process runners; "
-        "procrastinate: PostgreSQL with Procrastinate dispatch to `headrace worker` processes.",
+        description="sql: the job table in the store's database, claimed with leases by "
+        "in-process runners or `headrace worker` processes; procrastinate: the same table on "
+        "PostgreSQL, dispatched through Procrastinate.",
     )
     run_in_process: bool = Field(
         True, description="`headrace serve` also runs jobs (off when workers run them)."
