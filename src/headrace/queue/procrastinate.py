@@ -352,9 +352,7 @@ class ProcrastinateJobQueue(SqlJobQueue):
         await self._finish(conn, [row.id for row in expired], "failed")
         return expired
 
-    async def _take(
-        self, conn: AsyncConnection, worker: str, limit: int, lease_s: float, now: float
-    ) -> list[Row[Any]]:
+    async def _take(self, worker: str, limit: int, lease_s: float, now: float) -> list[Row[Any]]:
         params = {
             "queue": QUEUE,
             "now": now,
@@ -363,7 +361,7 @@ class ProcrastinateJobQueue(SqlJobQueue):
             "worker": worker,
             "expires": now + lease_s,
         }
-        claimed = await conn.execute(_CLAIM, params)
+        claimed = await self._alone(_CLAIM, params)
         # RETURNING comes in no particular order.
         return sorted(claimed, key=lambda r: (-r.dispatch_priority, r.dispatch_id))
 

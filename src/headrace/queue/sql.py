@@ -168,6 +168,7 @@ class SqlJobQueue:
         # One-statement operations (claim, complete) on PostgreSQL: the statement is its own
         # transaction, without BEGIN and COMMIT round trips.
         self._autocommit = self._engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._statements: set[asyncio.Future[list[Row[Any]]]] = set()  # running in _alone
 
     async def start(self) -> None:
         if self._migrate_on_start:
@@ -176,6 +177,8 @@ class SqlJobQueue:
             await check_engine(self._engine)
 
     async def aclose(self) -> None:
+        if self._statements:  # let statements whose callers went away end first
+            await asyncio.wait(self._statements, timeout=10)
         if self._owns_engine:
             await self._engine.dispose()
 
@@ -193,17 +196,21 @@ class SqlJobQueue:
         async with self._write_lock, self._writer.begin() as conn:
             yield conn
 
-    @asynccontextmanager
-    async def _once(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for an operation that is one statement: on PostgreSQL in autocommit
-        (the statement is its own transaction); on SQLite a write transaction, as ``_write``.
-        """
-        if self._sqlite:
-            async with self._write() as conn:
-                yield conn
-            return
-        async with self._autocommit.connect() as conn:
-            yield conn
+    async def _alone(self, statement: Executable, params: Mapping[str, Any]) -> list[Row[Any]]:
+        """PostgreSQL: run ``statement`` as its own transaction, in autocommit, and return its
+        rows. It runs to its end in a task of its own whatever happens to the caller: a
+        caller cancelled mid-statement would leave the connection half given back to the pool
+        (and the statement may be committed anyway). A claim whose caller is gone is taken
+        back by recovery when its leases expire; a completion stays written."""
+
+        async def run() -> list[Row[Any]]:
+            async with self._autocommit.connect() as conn:
+                return list(await conn.execute(statement, params))
+
+        task = asyncio.ensure_future(run())
+        self._statements.add(task)
+        task.add_done_callback(_forget_statement(self._statements))
+        return await asyncio.shield(task)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -359,9 +366,7 @@ class SqlJobQueue:
                 await self._record(conn, [(row, {"error": _EXPIRED}) for row in expired], now)
         if limit <= 0:
             return []
-        async with self._once() as conn:
-            rows = await self._take(conn, worker, limit, lease_s, now)
-        return [_row_to_job(row) for row in rows]
+        return [_row_to_job(row) for row in await self._take(worker, limit, lease_s, now)]
 
     async def _expire(self, conn: AsyncConnection, now: float) -> list[Row[Any]]:
         """Fail the queued jobs whose deadline passed; their rows, as updated."""
@@ -385,18 +390,17 @@ class SqlJobQueue:
         )
         return list(expired)
 
-    async def _take(
-        self, conn: AsyncConnection, worker: str, limit: int, lease_s: float, now: float
-    ) -> list[Row[Any]]:
+    async def _take(self, worker: str, limit: int, lease_s: float, now: float) -> list[Row[Any]]:
         """Lease up to ``limit`` runnable jobs to ``worker`` and record their events; their
         rows, in queue order. PostgreSQL: one statement (:data:`_CLAIM`)."""
         params = {"now": now, "limit": limit, "worker": worker, "expires": now + lease_s}
         if self._sqlite:
-            claimed = list(await conn.execute(_take_sqlite(), params))
-            changes = [(row, {"worker": worker, "attempt": row.attempts}) for row in claimed]
-            await self._record(conn, changes, now)
+            async with self._write() as conn:
+                claimed = list(await conn.execute(_take_sqlite(), params))
+                changes = [(row, {"worker": worker, "attempt": row.attempts}) for row in claimed]
+                await self._record(conn, changes, now)
         else:
-            claimed = list(await conn.execute(_CLAIM, params))
+            claimed = await self._alone(_CLAIM, params)
         # RETURNING comes in no particular order.
         return sorted(claimed, key=lambda r: (-r.priority_rank, r.fair_seq, r.created_at, r.id))
 
@@ -430,17 +434,17 @@ class SqlJobQueue:
             return []
         now = self._clock()
         finished = {c.job_id: c.finished(now) for c in completions}
-        async with self._once() as conn:
-            if self._sqlite:
+        if self._sqlite:
+            async with self._write() as conn:
                 seqs = await self._complete_each(conn, worker, completions, now)
                 changes = [
                     (finished[job_id], seq, {"attempt": finished[job_id].attempts})
                     for job_id, seq in seqs.items()
                 ]
                 await self._append(conn, changes, now)
-                done = set(seqs)
-            else:
-                done = await self._complete_set(conn, worker, completions, finished, now)
+            done = set(seqs)
+        else:
+            done = await self._complete_set(worker, completions, finished, now)
         return [finished[c.job_id] if c.job_id in done else None for c in completions]
 
     async def _complete_each(
@@ -474,7 +478,6 @@ class SqlJobQueue:
 
     async def _complete_set(
         self,
-        conn: AsyncConnection,
         worker: str,
         completions: Sequence[Completion],
         finished: Mapping[str, Job],
@@ -497,7 +500,7 @@ class SqlJobQueue:
             "worker": worker,
             "now": now,
         }
-        return set((await conn.execute(self._completion(), params)).scalars())
+        return {row.id for row in await self._alone(self._completion(), params)}
 
     def _completion(self) -> Executable:
         """PostgreSQL's completion statement (:data:`COMPLETE_CLAUSES`)."""
@@ -1013,6 +1016,20 @@ def _json_insert(table: Table, names: tuple[str, ...]) -> Executable:
     return postgresql.insert(table).from_select(
         list(names), select(*(source.c[name] for name in names))
     )
+
+
+def _forget_statement(
+    running: set[asyncio.Future[list[Row[Any]]]],
+) -> Callable[[asyncio.Future[list[Row[Any]]]], None]:
+    """A done callback for :meth:`SqlJobQueue._alone`'s tasks: drop the reference, and mark
+    the error of one whose caller went away as seen (the statement did not happen)."""
+
+    def forget(task: asyncio.Future[list[Row[Any]]]) -> None:
+        running.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return forget
 
 
 @functools.cache

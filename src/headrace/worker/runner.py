@@ -41,6 +41,7 @@ PrincipalOf = Callable[[str], Awaitable[Principal | None]]
 TRANSIENT_STATUSES = frozenset({408, 409, 429, 499, 500, 502, 503, 504})
 COMPLETION_BATCH_S = 0.005  # results wait at most this long to share a transaction
 CLAIM_GATHER_S = 0.02  # after a claim that found fewer jobs than it asked for
+STOP_CLAIM_S = 10.0  # how long stop() lets a claim in progress finish
 PURGE_EVERY_S = 600.0  # how often a runner deletes the jobs past their retention
 PURGE_BATCH = 1000  # jobs per purge transaction
 
@@ -112,8 +113,14 @@ class JobRunner:
         """Stop claiming; let running jobs finish for ``grace_s``; release the rest."""
         self._stopping = True
         self._wake.set()
-        for task in self._loops:
+        self._slot_freed.set()
+        for task in self._loops[1:]:
             task.cancel()
+        if self._loops:
+            # The claim loop (the first) ends at its next turn: a claim cut off mid-statement
+            # would lease jobs that nobody runs until their leases expire.
+            await asyncio.wait({self._loops[0]}, timeout=STOP_CLAIM_S)
+            self._loops[0].cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         if self._inflight:
             await asyncio.wait(list(self._inflight.values()), timeout=grace_s)
