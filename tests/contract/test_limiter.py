@@ -58,7 +58,6 @@ async def backend(request: pytest.FixtureRequest, redis_url: str | None) -> Asyn
         return
     if not redis_url:
         pytest.skip(NO_REDIS)
-    from redis.asyncio import Redis
 
     from headrace.limits.redis import RedisLimiter
 
@@ -70,11 +69,18 @@ async def backend(request: pytest.FixtureRequest, redis_url: str | None) -> Asyn
     finally:
         await one.aclose()
         await two.aclose()
-        client = Redis.from_url(redis_url)
-        names = [name async for name in client.scan_iter(match=f"{prefix}*")]
-        if names:
-            await client.delete(*names)
-        await client.aclose()
+        await delete_keys(redis_url, prefix)
+
+
+async def delete_keys(redis_url: str, prefix: str) -> None:
+    """Delete a test's Redis keys (everything under ``prefix``)."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_url)
+    names = [name async for name in client.scan_iter(match=f"{prefix}*")]
+    if names:
+        await client.delete(*names)
+    await client.aclose()
 
 
 def rpm(limit: int, window_s: float = 60.0, key: str = "key:k1:rpm") -> Demand:
@@ -362,7 +368,6 @@ async def test_redis_a_cancelled_call_is_cancelled_and_the_next_ones_answer_in_o
     # cancellation, and the connection must not hand its late reply to the next caller.
     if not redis_url:
         pytest.skip(NO_REDIS)
-    from redis.asyncio import Redis
 
     from headrace.limits.redis import RedisLimiter
 
@@ -382,8 +387,4 @@ async def test_redis_a_cancelled_call_is_cancelled_and_the_next_ones_answer_in_o
             assert [s.key for s in state] == ["key:k2:rpm"]
     finally:
         await limiter.aclose()
-        client = Redis.from_url(redis_url)
-        names = [n async for n in client.scan_iter(match=f"{prefix}*")]
-        if names:
-            await client.delete(*names)
-        await client.aclose()
+        await delete_keys(redis_url, prefix)

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from headrace.gateway.quota import Estimate, QuotaGuard, Reservation
 from headrace.limits.base import Demand, LimiterUnavailableError, LimitKind, Settlement
 from headrace.limits.redis import RedisLimiter
+from tests.contract.test_limiter import delete_keys
 
 NO_REDIS = "set HEADRACE_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379/0) to run against Redis"
 NOWHERE = "redis://127.0.0.1:1/0"  # nothing listens on port 1
@@ -31,7 +32,6 @@ async def limiters(redis_url: str | None) -> AsyncIterator[Factory]:
     """RedisLimiters on one fresh prefix; closed, and their keys deleted, afterwards."""
     if not redis_url:
         pytest.skip(NO_REDIS)
-    from redis.asyncio import Redis
 
     prefix = f"headrace-test:lim:{uuid.uuid4().hex}:"
     made: list[RedisLimiter] = []
@@ -46,11 +46,7 @@ async def limiters(redis_url: str | None) -> AsyncIterator[Factory]:
     finally:
         for limiter in made:
             await limiter.aclose()
-        client = Redis.from_url(redis_url)
-        names = [name async for name in client.scan_iter(match=f"{prefix}*")]
-        if names:
-            await client.delete(*names)
-        await client.aclose()
+        await delete_keys(redis_url, prefix)
 
 
 def parallel(limit: int) -> Demand:
