@@ -3,10 +3,11 @@
 One claim loop takes up to ``concurrency - in flight`` jobs at a time; each job is a task on
 this event loop, so thousands can wait on upstreams at once. A heartbeat loop extends the
 leases of running jobs and stops the ones the queue no longer gives this worker (cancelled by
-the client, or lease lost); a recovery loop requeues jobs whose worker died. Results are
-written in batches: those finishing within ``COMPLETION_BATCH_S`` share one transaction. On
-stop, running jobs get ``grace_s`` to finish; the rest are cancelled and released, attempt
-refunded.
+the client, or lease lost); a recovery loop requeues jobs whose worker died and, every
+``PURGE_EVERY_S``, deletes the jobs past their retention. Results are written in batches:
+those finishing within ``COMPLETION_BATCH_S`` share one transaction. On stop, the claim in
+progress finishes, running jobs get ``grace_s`` to finish; the rest are cancelled and
+released, attempt refunded.
 
 Failures: a transient error (429, 5xx, timeouts, the gateway overloaded) is retried with
 exponential backoff and full jitter, honouring ``Retry-After``; after ``max_attempts`` the job
