@@ -8,6 +8,8 @@ through psycopg 3.
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,15 @@ from sqlalchemy import Connection, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util import await_only
 
 # Execution options for a connection whose transaction writes first thing (migrations): on
 # SQLite it takes the write lock at BEGIN, so two of them queue instead of one failing with
 # "database is locked" half way. Ignored by PostgreSQL.
 SQLITE_BEGIN_IMMEDIATE = {"sqlite_begin": "BEGIN IMMEDIATE"}
+
+SQLITE_BUSY_TIMEOUT_MS = 5000  # how long a SQLite statement waits for another's lock
+WAL_RETRY_S = 0.01
 
 PING_AFTER_IDLE_S = 2.0  # a pooled PostgreSQL connection idle this long is pinged before use
 
@@ -93,14 +99,34 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # own transaction handling off and emit BEGIN ourselves (see _sqlite_begin).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    # busy_timeout first: switching a new file to WAL takes a lock, and several engines (or
-    # processes) opening the same new file at once must wait for each other, not fail.
-    cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.execute("PRAGMA journal_mode")
-    if str(cursor.fetchone()[0]).lower() != "wal":
-        cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    _switch_to_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """Put the database file in WAL mode, waiting for others that open it at the same time.
+
+    The switch needs the file's exclusive lock. SQLite answers "database is locked" at once,
+    without waiting out ``busy_timeout``, when this connection read the file while another
+    holds the write lock (waiting could deadlock), which is what several engines or processes
+    opening a new file together run into. So a locked switch is retried, sleeping on the
+    event loop between tries, until another connection has made the file WAL or
+    ``busy_timeout`` has passed.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        cursor.execute("PRAGMA journal_mode")
+        if str(cursor.fetchone()[0]).lower() == "wal":
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        await_only(asyncio.sleep(WAL_RETRY_S))  # the connect event runs in SQLAlchemy's greenlet
 
 
 def _sqlite_begin(conn: Connection) -> None:
