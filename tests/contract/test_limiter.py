@@ -224,6 +224,20 @@ async def test_concurrency_leases_are_held_until_settled(backend: Backend) -> No
     assert (await take(limiter, demand)).states[0].remaining == 1
 
 
+async def test_a_lease_taken_again_holds_one_slot_with_its_new_expiry(backend: Backend) -> None:
+    limiter = backend.limiter
+    assert (await take(limiter, parallel(3, window_s=120.0), lease="long")).allowed
+    assert (await take(limiter, parallel(3, window_s=30.0), lease="l1")).allowed
+    again = await take(limiter, parallel(3, window_s=90.0), lease="l1")
+    assert again.states[0].remaining == 1  # "long" and "l1", once
+    assert 120.0 - backend.slack_s <= again.states[0].reset_s <= 120.0  # "long" expires last
+    assert await limiter.settle([settle_of(parallel(3))], "long") == (1,)
+    assert (await take(limiter, parallel(3, window_s=60.0), lease="l1")).states[0].remaining == 2
+    after = await take(limiter, parallel(3, window_s=10.0), lease="l2")
+    assert after.states[0].remaining == 1
+    assert 60.0 - backend.slack_s <= after.states[0].reset_s <= 60.0  # l1's new expiry
+
+
 async def test_concurrency_leases_expire_after_the_window(backend: Backend) -> None:
     demand = parallel(1, window_s=1.0)
     assert (await take(backend.limiter, demand, lease="crashed")).allowed
