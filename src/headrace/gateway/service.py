@@ -200,10 +200,13 @@ class GatewayService:
 
         The settlement runs in a task, so that the answer does not wait for the limiter's
         round trip; the quota guard waits for its tasks when it closes. The task is given one
-        turn of the event loop before the answer goes out (a remote limiter's command is then
-        sent, a local one has settled), so a client that sends its next request after this
-        answer finds its parallel slot free and its refund made. A cancelled request (the
-        client went away) must not await: it does not wait for that turn.
+        turn of the event loop before the answer goes out: a local limiter has settled by
+        then, and a remote one holds the settlement, so that this process's next acquire
+        carries it; so a client whose next request comes to this process finds its parallel
+        slot free and its refund made. Redis gets the settlement a loop turn or two after the
+        answer (a request to another process arriving sooner can still see the slot taken).
+        A cancelled request (the client went away) must not await: it does not wait for
+        that turn.
         """
         if error is None:
             status, name = 200, None
