@@ -57,11 +57,12 @@ def worker(
     from headrace.observability.logging import configure_logging
     from headrace.wiring import build_runtime
     from headrace.worker.process import attach_workers
+    from headrace.worker.runner import IDLE_POLL_S
 
     settings = worker_settings(settings_from(config), concurrency)
     configure_logging(settings.log.level, settings.log.format)
     runtime = build_runtime(settings, validate_job=validate_job)
-    attach_workers(runtime, run_jobs=True)
+    attach_workers(runtime, run_jobs=True, idle_poll_s=IDLE_POLL_S)
 
     async def run() -> None:
         stop = asyncio.Event()

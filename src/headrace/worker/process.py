@@ -9,7 +9,7 @@ from headrace.events.signing import new_secret
 from headrace.events.webhooks import WebhookSender
 from headrace.wiring import Runtime
 from headrace.worker.outbox import OutboxDispatcher
-from headrace.worker.runner import JobRunner
+from headrace.worker.runner import NUDGED_IDLE_POLL_S, JobRunner
 
 WEBHOOK_SECRET_FILE = "webhook-secret"  # noqa: S105 - a file name, not a secret
 
@@ -33,8 +33,14 @@ def webhook_secret(rt: Runtime) -> str:
     return secret
 
 
-def attach_workers(rt: Runtime, *, run_jobs: bool = True) -> JobRunner | None:
-    """Add the runner (if ``run_jobs``) and the outbox dispatcher to ``rt.services``."""
+def attach_workers(
+    rt: Runtime, *, run_jobs: bool = True, idle_poll_s: float = NUDGED_IDLE_POLL_S
+) -> JobRunner | None:
+    """Add the runner (if ``run_jobs``) and the outbox dispatcher to ``rt.services``.
+
+    Submissions to ``rt`` wake the runner at once; ``idle_poll_s`` is how often it looks for
+    others' when it has nothing to do (see :mod:`headrace.worker.runner`).
+    """
     options = rt.jobs_options
     if rt.job_queue is None or options is None:
         return None
@@ -61,6 +67,7 @@ def attach_workers(rt: Runtime, *, run_jobs: bool = True) -> JobRunner | None:
             retry_base_s=options.retry_base_s,
             retry_cap_s=options.retry_cap_s,
             retention_s=options.retention_s,
+            idle_poll_s=idle_poll_s,
             on_webhook=outbox.nudge,
         )
         rt.services.append(runner)

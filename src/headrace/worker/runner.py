@@ -9,6 +9,13 @@ those finishing within ``COMPLETION_BATCH_S`` share one transaction. On stop, th
 progress finishes, running jobs get ``grace_s`` to finish; the rest are cancelled and
 released, attempt refunded.
 
+Waking up. A runner with nothing to do polls the queue, from ``idle_poll_s / 8`` doubling to
+``idle_poll_s``: :data:`IDLE_POLL_S` for ``headrace worker``, whose jobs are submitted
+elsewhere; ``serve``'s own runner, which every submission to that process wakes at once
+(:meth:`JobRunner.nudge`), waits :data:`NUDGED_IDLE_POLL_S` and so costs an idle gateway
+next to nothing (on SQLite each poll is a write transaction through aiosqlite's thread). A
+job this runner sends back for a retry wakes it at its retry time, whatever the poll.
+
 Failures: a transient error (429, 5xx, timeouts, the gateway overloaded) is retried with
 exponential backoff and full jitter, honouring ``Retry-After``; after ``max_attempts`` the job
 is dead, with every attempt's error in its history. A permanent error (400, 402, 403, 404)
@@ -45,6 +52,8 @@ CLAIM_GATHER_S = 0.02  # after a claim that found fewer jobs than it asked for
 STOP_CLAIM_S = 10.0  # how long stop() lets a claim in progress finish
 PURGE_EVERY_S = 600.0  # how often a runner deletes the jobs past their retention
 PURGE_BATCH = 1000  # jobs per purge transaction
+IDLE_POLL_S = 0.25  # longest wait between claims with nothing to do (headrace worker)
+NUDGED_IDLE_POLL_S = 2.0  # the same for serve's runner, which its submissions wake
 
 
 class JobRunner:
@@ -59,7 +68,7 @@ class JobRunner:
         claim_batch: int = 200,
         lease_s: float = 60.0,
         heartbeat_s: float = 15.0,
-        idle_poll_s: float = 0.25,
+        idle_poll_s: float = IDLE_POLL_S,
         retry_base_s: float = 1.0,
         retry_cap_s: float = 300.0,
         clock: Callable[[], float] = time.time,
@@ -331,9 +340,14 @@ class JobRunner:
                 dead = True
         failure = Failure(detail, retry_at=retry_at, dead=dead)
         after = await self._queue.fail(job.id, self.worker_id, failure)
-        if after is not None and retry_at is None:
-            self.failed += 1
-            self._webhook_written(after)
+        if after is None:
+            return
+        if retry_at is not None:  # claim it again when it is due, not at the next idle poll
+            delay = max(0.0, retry_at - self._clock())
+            asyncio.get_running_loop().call_later(delay, self._wake.set)
+            return
+        self.failed += 1
+        self._webhook_written(after)
 
     def _webhook_written(self, job: Job) -> None:
         if job.webhook_url is not None and job.status.final and self._on_webhook is not None:
