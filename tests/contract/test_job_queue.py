@@ -28,7 +28,8 @@ from headrace.queue.base import (
     IdempotencyConflictError,
     QueueDepth,
 )
-from headrace.queue.sql import WEBHOOK_LEASE_S, SqlJobQueue, job_view
+from headrace.queue.sql import WEBHOOK_LEASE_S, SqlJobQueue
+from headrace.queue.sql_rows import job_view
 from headrace.store.migrate import migrate
 
 T0 = 1_800_000_000.0

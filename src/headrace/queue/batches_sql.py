@@ -26,6 +26,7 @@ from headrace.domain import JobStatus
 from headrace.queue.base import JobQueue
 from headrace.queue.batch_base import Batch, BatchStatus, NewFile, RequestCounts, StoredFile
 from headrace.queue.sql import SqlJobQueue
+from headrace.queue.sql_rows import dumps
 from headrace.store.engine import SQLITE_BEGIN_IMMEDIATE, create_engine, is_sqlite
 from headrace.store.schema import batches, jobs
 from headrace.store.schema import files as files_table
@@ -212,10 +213,6 @@ async def _page(
     return list(result)
 
 
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
 def _file_row(new: NewFile) -> dict[str, Any]:
     f = new.file
     return {
@@ -266,9 +263,9 @@ def _batch_row(batch: Batch) -> dict[str, Any]:
         "total": counts.total,
         "completed": counts.completed,
         "failed": counts.failed,
-        "metadata": _dumps(dict(batch.metadata)),
-        "errors": None if batch.errors is None else _dumps([dict(e) for e in batch.errors]),
-        "usage": None if batch.usage is None else _dumps(dict(batch.usage)),
+        "metadata": dumps(dict(batch.metadata)),
+        "errors": None if batch.errors is None else dumps([dict(e) for e in batch.errors]),
+        "usage": None if batch.usage is None else dumps(dict(batch.usage)),
     }
 
 

@@ -50,11 +50,9 @@ Deadlines. A claim never starts a job whose ``deadline_at`` passed; at most once
 :data:`EXPIRE_SWEEP_S` a claim first fails those jobs (error code ``expired``, up to 1,000 at
 a time, in a transaction of its own).
 
-One module for the whole backend, past the 800 lines of STYLE.md: it is one class with one
-method per Protocol operation, each a transaction, plus the row mapping they share. The
-mapping (``_job_to_row``, ``_row_to_job``, :func:`job_view`, the outbox row) is what a second
-backend on the same tables (Procrastinate) would import, and should move to its own module
-then.
+One class with one method per Protocol operation, each a transaction, and the statements
+they share with :mod:`headrace.queue.procrastinate`; past the 800 lines of STYLE.md because
+the class is one thing. How a job maps to rows is :mod:`headrace.queue.sql_rows`.
 """
 
 from __future__ import annotations
@@ -63,7 +61,6 @@ import asyncio
 import dataclasses
 import functools
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -96,7 +93,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from headrace.domain import Job, JobEvent, JobKind, JobStatus, Priority
+from headrace.domain import Job, JobEvent, JobStatus, Priority
 from headrace.queue.base import (
     Completion,
     DeliveryRecord,
@@ -106,6 +103,15 @@ from headrace.queue.base import (
     Lease,
     OutboxItem,
     QueueDepth,
+)
+from headrace.queue.sql_rows import (
+    dumps,
+    dumps_or_none,
+    event_row,
+    job_to_row,
+    outbox_row,
+    row_to_job,
+    tenant_of,
 )
 from headrace.store.engine import SQLITE_BEGIN_IMMEDIATE, create_engine, is_sqlite
 from headrace.store.migrate import check_engine, upgrade_engine
@@ -117,7 +123,7 @@ from headrace.store.schema import (
     webhook_outbox,
 )
 
-__all__ = ["CLAIM_EVENTS", "COMPLETE_CLAUSES", "WEBHOOK_LEASE_S", "SqlJobQueue", "job_view"]
+__all__ = ["CLAIM_EVENTS", "COMPLETE_CLAUSES", "WEBHOOK_LEASE_S", "SqlJobQueue"]
 
 WEBHOOK_LEASE_S = 30.0
 """How long :meth:`SqlJobQueue.due_webhooks` leases an outbox item to its deliverer."""
@@ -266,11 +272,11 @@ class SqlJobQueue:
                 if existing is not None:
                     return existing, False
             (tag,) = await self._next_tags(conn, [job], now)
-            row = _job_to_row(job, tag)
+            row = job_to_row(job, tag)
             if lease is not None:
                 row |= {"lease_owner": lease.worker, "lease_expires_at": now + lease.duration_s}
             await conn.execute(insert(jobs).values(row))
-            await conn.execute(insert(job_events).values(_event_row(job, 1, now, {})))
+            await conn.execute(insert(job_events).values(event_row(job, 1, now, {})))
         return job, True
 
     async def _take_key(
@@ -325,9 +331,9 @@ class SqlJobQueue:
         now = self._clock()
         async with self._write() as conn:
             tags = await self._next_tags(conn, jobs_, now)
-            rows = [_job_to_row(job, tag) for job, tag in zip(jobs_, tags, strict=True)]
+            rows = [job_to_row(job, tag) for job, tag in zip(jobs_, tags, strict=True)]
             await self._insert_many(conn, jobs, rows)
-            await self._insert_many(conn, job_events, [_event_row(j, 1, now, {}) for j in jobs_])
+            await self._insert_many(conn, job_events, [event_row(j, 1, now, {}) for j in jobs_])
 
     async def _next_tags(self, conn: AsyncConnection, new: Sequence[Job], now: float) -> list[int]:
         """The fairness tags of ``new`` jobs, in order (see the module docstring).
@@ -336,7 +342,7 @@ class SqlJobQueue:
         each a scalar subquery that reads one end of an index range.
         """
         ranks = sorted({job.priority.rank for job in new})
-        lanes = sorted({(_tenant(job), job.priority.rank) for job in new})
+        lanes = sorted({(tenant_of(job), job.priority.rank) for job in new})
         params: dict[str, Any] = {"now": now}
         params |= {f"rank_{i}": rank for i, rank in enumerate(ranks)}
         for i, (tenant, rank) in enumerate(lanes):
@@ -350,7 +356,7 @@ class SqlJobQueue:
         }
         tags = []
         for job in new:
-            lane = (_tenant(job), job.priority.rank)
+            lane = (tenant_of(job), job.priority.rank)
             tags.append(following[lane])
             following[lane] += 1
         return tags
@@ -366,7 +372,7 @@ class SqlJobQueue:
                 await self._record(conn, [(row, {"error": _EXPIRED}) for row in expired], now)
         if limit <= 0:
             return []
-        return [_row_to_job(row) for row in await self._take(worker, limit, lease_s, now)]
+        return [row_to_job(row) for row in await self._take(worker, limit, lease_s, now)]
 
     async def _expire(self, conn: AsyncConnection, now: float) -> list[Row[Any]]:
         """Fail the queued jobs whose deadline passed; their rows, as updated."""
@@ -382,7 +388,7 @@ class SqlJobQueue:
             .where(self._among(c.id, overdue))
             .values(
                 status=JobStatus.FAILED.value,
-                error=_dumps(_EXPIRED),
+                error=dumps(_EXPIRED),
                 finished_at=now,
                 event_seq=c.event_seq + 1,
             )
@@ -461,7 +467,7 @@ class SqlJobQueue:
                     .where(c.id == completion.job_id, c.status == _RUNNING, c.lease_owner == worker)
                     .values(
                         status=JobStatus.SUCCEEDED.value,
-                        result=_dumps(completion.result),
+                        result=dumps(completion.result),
                         error=None,
                         cost_micro_usd=int(completion.cost_micro_usd),
                         finished_at=now,
@@ -490,7 +496,7 @@ class SqlJobQueue:
             {"id": c.job_id, "result": c.result, "cost": int(c.cost_micro_usd)} for c in completions
         ]
         outbox = [
-            _outbox_row(job, job.webhook_url, now)
+            outbox_row(job, job.webhook_url, now)
             for job in finished.values()
             if job.webhook_url is not None
         ]
@@ -512,7 +518,7 @@ class SqlJobQueue:
             row = await self._lock(conn, job_id, worker=worker)
             if row is None:
                 return None
-            job = _row_to_job(row)
+            job = row_to_job(row)
             entry = {**failure.error, "attempt": job.attempts, "at": now}
             errors = (*job.errors, entry)
             retry = failure.retry_at is not None and not failure.dead
@@ -573,7 +579,7 @@ class SqlJobQueue:
                 )
             ).all()
             for row in lost:
-                job = _row_to_job(row)
+                job = row_to_job(row)
                 entry = {**_worker_lost(row.lease_owner), "attempt": job.attempts, "at": now}
                 errors = (*job.errors, entry)
                 if job.attempts < job.max_attempts:
@@ -596,7 +602,7 @@ class SqlJobQueue:
 
     async def _get(self, conn: AsyncConnection, job_id: str) -> Job | None:
         row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
-        return None if row is None else _row_to_job(row)
+        return None if row is None else row_to_job(row)
 
     async def list_jobs(
         self,
@@ -640,7 +646,7 @@ class SqlJobQueue:
                 .order_by(c.created_at.desc(), c.id.desc())
                 .limit(max(limit, 0))
             )
-            return [_row_to_job(row) for row in result]
+            return [row_to_job(row) for row in result]
 
     async def cancel(self, job_id: str) -> Job | None:
         now = self._clock()
@@ -648,7 +654,7 @@ class SqlJobQueue:
             row = await self._lock(conn, job_id)
             if row is None:
                 return None
-            job = _row_to_job(row)
+            job = row_to_job(row)
             if job.status.final:
                 return job
             after = dataclasses.replace(job, status=JobStatus.CANCELLED, finished_at=now)
@@ -684,7 +690,7 @@ class SqlJobQueue:
                 .order_by(c.finished_at.desc(), c.id)
                 .limit(limit)
             )
-            return [_row_to_job(row) for row in result]
+            return [row_to_job(row) for row in result]
 
     async def replay(self, job_id: str) -> Job | None:
         """A dead or failed job queued again now, with no deadline (an operator asking for a
@@ -695,7 +701,7 @@ class SqlJobQueue:
             row = await self._lock(conn, job_id)
             if row is None:
                 return None
-            job = _row_to_job(row)
+            job = row_to_job(row)
             if job.status not in (JobStatus.DEAD, JobStatus.FAILED):
                 return job
             after = dataclasses.replace(
@@ -895,9 +901,9 @@ class SqlJobQueue:
             "deadline_at": after.deadline_at,
             "started_at": after.started_at,
             "finished_at": after.finished_at,
-            "result": _dumps_or_none(after.result),
-            "error": _dumps_or_none(after.error),
-            "errors": _dumps(list(after.errors)),
+            "result": dumps_or_none(after.result),
+            "error": dumps_or_none(after.error),
+            "errors": dumps(list(after.errors)),
             "lease_owner": None,
             "lease_expires_at": None,
             "event_seq": seq,
@@ -915,7 +921,7 @@ class SqlJobQueue:
     ) -> None:
         """Record changes already written (rows returned by the UPDATE that made them)."""
         await self._append(
-            conn, [(_row_to_job(row), row.event_seq, detail) for row, detail in changes], now
+            conn, [(row_to_job(row), row.event_seq, detail) for row, detail in changes], now
         )
 
     async def _append(
@@ -927,13 +933,13 @@ class SqlJobQueue:
         """Append each change's event and, for final states with a webhook, its outbox row."""
         if not changes:
             return
-        events = [_event_row(job, seq, now, detail) for job, seq, detail in changes]
+        events = [event_row(job, seq, now, detail) for job, seq, detail in changes]
         if len(events) == 1:
             await conn.execute(insert(job_events).values(events[0]))
         else:
             await self._insert_many(conn, job_events, events)
         outbox = [
-            _outbox_row(job, job.webhook_url, now)
+            outbox_row(job, job.webhook_url, now)
             for job, _, _ in changes
             if job.status.final and job.webhook_url is not None
         ]
@@ -941,37 +947,6 @@ class SqlJobQueue:
             await conn.execute(insert(webhook_outbox), outbox)
 
 
-def job_view(job: Job) -> dict[str, Any]:
-    """The job as its owner sees it: the webhook payload, field for field the view that
-    ``GET /v1/jobs/{id}`` renders (:func:`headrace.jobs.service.job_view`, which this layer
-    cannot import; the two should become one, in :mod:`headrace.queue.base`).
-
-    ``result`` is set once succeeded; ``error`` is the last failure (None once succeeded) and
-    ``errors`` every failed attempt. Times are unix seconds.
-    """
-    return {
-        "id": job.id,
-        "object": "job",
-        "kind": job.kind.value,
-        "status": job.status.value,
-        "priority": job.priority.value,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "deadline_at": job.deadline_at,
-        "result": None if job.result is None else dict(job.result),
-        "error": None if job.error is None else dict(job.error),
-        "errors": [dict(e) for e in job.errors],
-        "cost_usd": job.cost_micro_usd / 1e6,
-        "metadata": dict(job.metadata),
-        "webhook_url": job.webhook_url,
-        "batch_id": job.batch_id,
-    }
-
-
-# An expired job's error; OpenAI-shaped, plus its HTTP-like status.
 @functools.lru_cache(maxsize=256)
 def _tags_query(ranks: int, lanes: int) -> Executable:
     """The fairness tags' one round trip for ``ranks`` priorities and ``lanes`` (tenant,
@@ -1115,6 +1090,7 @@ COMPLETE_CLAUSES = (
 )
 _COMPLETE = text(COMPLETE_CLAUSES + " SELECT id FROM finished")  # noqa: S608 - constants
 
+# An expired job's error; OpenAI-shaped, plus its HTTP-like status.
 _EXPIRED: dict[str, Any] = {
     "message": (
         "the job was not started before its deadline_at: submit it again with a later "
@@ -1144,106 +1120,3 @@ def _in_state(status: JobStatus) -> ColumnElement[bool]:
     """``jobs.status = '<status>'``, the value inline rather than a bound parameter: only then
     can the planner use the partial indexes (``WHERE status = 'queued'``, ...) of the schema."""
     return jobs.c.status == literal_column(f"'{status.value}'")
-
-
-def _tenant(job: Job) -> str:
-    """The fairness group: the job's team, or its key when the key has no team."""
-    return job.team_id or job.key_id
-
-
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-def _dumps_or_none(value: Mapping[str, Any] | None) -> str | None:
-    return None if value is None else _dumps(dict(value))
-
-
-def _loads_or_none(value: str | None) -> Any:
-    return None if value is None else orjson.loads(value)
-
-
-def _job_to_row(job: Job, fair_seq: int) -> dict[str, Any]:
-    # One Python type per column: psycopg sends a list as an array of one type.
-    return {
-        "id": job.id,
-        "kind": job.kind.value,
-        "body": _dumps(dict(job.body)),
-        "key_id": job.key_id,
-        "team_id": job.team_id,
-        "tenant": _tenant(job),
-        "priority": job.priority.value,
-        "priority_rank": job.priority.rank,
-        "fair_seq": fair_seq,
-        "status": job.status.value,
-        "attempts": int(job.attempts),
-        "max_attempts": int(job.max_attempts),
-        "created_at": float(job.created_at),
-        "run_after": float(job.run_after),
-        "deadline_at": None if job.deadline_at is None else float(job.deadline_at),
-        "started_at": None if job.started_at is None else float(job.started_at),
-        "finished_at": None if job.finished_at is None else float(job.finished_at),
-        "result": _dumps_or_none(job.result),
-        "error": _dumps_or_none(job.error),
-        "errors": _dumps([dict(e) for e in job.errors]),
-        "cost_micro_usd": int(job.cost_micro_usd),
-        "metadata": _dumps(dict(job.metadata)),
-        "webhook_url": job.webhook_url,
-        "batch_id": job.batch_id,
-        "idempotency_key": job.idempotency_key,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "event_seq": 1,
-    }
-
-
-def _row_to_job(row: Row[Any]) -> Job:
-    return Job(
-        id=row.id,
-        kind=JobKind(row.kind),
-        body=orjson.loads(row.body),
-        key_id=row.key_id,
-        team_id=row.team_id,
-        priority=Priority(row.priority),
-        status=JobStatus(row.status),
-        attempts=row.attempts,
-        max_attempts=row.max_attempts,
-        created_at=row.created_at,
-        run_after=row.run_after,
-        deadline_at=row.deadline_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        result=_loads_or_none(row.result),
-        error=_loads_or_none(row.error),
-        errors=tuple(orjson.loads(row.errors)),
-        cost_micro_usd=row.cost_micro_usd,
-        metadata=orjson.loads(row.metadata),
-        webhook_url=row.webhook_url,
-        batch_id=row.batch_id,
-        idempotency_key=row.idempotency_key,
-    )
-
-
-def _event_row(job: Job, seq: int, now: float, detail: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "job_id": job.id,
-        "seq": seq,
-        "status": job.status.value,
-        "at": now,
-        "detail": _dumps(dict(detail)),
-    }
-
-
-def _outbox_row(job: Job, url: str, now: float) -> dict[str, Any]:
-    return {
-        "event_id": f"evt_{uuid.uuid4().hex}",
-        "job_id": job.id,
-        "url": url,
-        "event_type": f"job.{job.status.value}",
-        "payload": _dumps(job_view(job)),
-        "created_at": now,
-        "attempts": 0,
-        "next_attempt_at": now,
-        "leased_until": None,
-        "done": False,
-    }
