@@ -220,6 +220,8 @@ def log_events(gateway: Server) -> collections.Counter[str]:
             exception = str(event.get("exception") or "").strip().rsplit("\n", 1)[-1]
             if exception:
                 name += f" ({exception.split(':', 1)[0].rsplit('.', 1)[-1]})"
+            elif isinstance(error := event.get("error"), str) and error:
+                name += f" ({error[:160]})"  # a warning's repr(exc): what went wrong
             events[name] += 1
     return events
 
