@@ -52,3 +52,20 @@ async def test_a_connection_used_moments_ago_is_not_pinged(
             assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
     finally:
         await engine.dispose()
+
+
+async def test_a_pinged_connection_can_switch_to_autocommit(
+    fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job queue's one-statement calls run in autocommit: the ping before them must not
+    leave the connection in a transaction (psycopg refuses the switch then)."""
+    engine = create_engine(fresh_database_url)
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_S", 0.0)
+        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        async with autocommit.connect() as conn:  # pinged first, then switched
+            assert (await conn.execute(text("SELECT 2"))).scalar_one() == 2
+    finally:
+        await engine.dispose()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
@@ -57,7 +58,7 @@ def create_engine(url: str) -> AsyncEngine:
     if not is_sqlite(parsed):
         engine = create_async_engine(parsed)
         event.listen(engine.sync_engine, "checkin", _mark_idle)
-        event.listen(engine.sync_engine, "checkout", _ping_if_idle)
+        event.listen(engine.sync_engine, "checkout", _pinger(engine.sync_engine.dialect))
         return engine
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -72,26 +73,30 @@ def _mark_idle(_dbapi_connection: Any, record: Any) -> None:
         record.info["idle_since"] = time.monotonic()
 
 
-def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-    """Pre-ping, but only a connection that sat in the pool for ``PING_AFTER_IDLE_S``.
+def _pinger(dialect: Dialect) -> Callable[[Any, Any, Any], None]:
+    """The checkout hook: a pre-ping, but only of a connection that sat in the pool for
+    ``PING_AFTER_IDLE_S``.
 
     SQLAlchemy's ``pool_pre_ping`` costs a ``SELECT 1`` round trip on every checkout: a
     fifth of a busy job worker's transactions. A connection used moments ago is alive or its
     failure is caught where it is used (the error invalidates the pool, and every caller
     retries or answers 503); one that waited longer (a database restart, a firewall that
-    drops idle connections) is checked first, and replaced if dead.
+    drops idle connections) is checked first, and replaced if dead. The ping is the
+    dialect's own (``do_ping``), which leaves no transaction open: a bare ``SELECT 1`` on
+    psycopg would, and the next user could then not switch the connection to autocommit
+    (the job queue's one-statement calls do).
     """
-    idle_since = record.info.get("idle_since")
-    if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_S:
-        return
-    try:
-        cursor = dbapi_connection.cursor()
+
+    def ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_S:
+            return
         try:
-            cursor.execute("SELECT 1")
-        finally:
-            cursor.close()
-    except Exception as exc:
-        raise DisconnectionError(f"stale pooled connection: {exc!r}") from exc
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise DisconnectionError(f"stale pooled connection: {exc!r}") from exc
+
+    return ping_if_idle
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
