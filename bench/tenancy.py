@@ -47,7 +47,7 @@ import _procs
 import _quiet
 import _wrk
 from _phases import Phase, Saturation, Servers, Target, open_loop, saturation
-from _procs import Code, Launcher, Server
+from _procs import Code, CpuSample, Launcher, Server
 from _quiet import Quiet
 from _report import Goal, Table, fmt, goals_table
 from _tenants import (
@@ -93,13 +93,14 @@ class Plan:
     writer_repeat: int
     quiet_budget_s: float
     time_limit_s: int
+    idle_s: float  # how long the gateways' idle CPU is read, before any load
 
 
 # Blocks of at most 1.25 s at the fixed rate: each side's connections then idle less than
 # uvicorn's 5 s keep-alive while the other three sides take their turns (longer, and the
 # servers close them: reconnections, and now and then a request sent on a closing socket).
-FULL = Plan(200.0, 3000, 12, 64, 2.0, 3, 1.0, 100_000, 3, 60.0, 600)
-QUICK = Plan(200.0, 600, 4, 64, 2.0, 1, 0.5, 20_000, 1, 5.0, 240)
+FULL = Plan(200.0, 3000, 12, 64, 2.0, 3, 1.0, 100_000, 3, 60.0, 600, 10.0)
+QUICK = Plan(200.0, 600, 4, 64, 2.0, 1, 0.5, 20_000, 1, 5.0, 240, 3.0)
 
 
 def _progress(message: str) -> None:
@@ -122,6 +123,7 @@ class Results:
     refusals: dict[str, int]
     spooled: dict[str, int]
     events: dict[str, collections.Counter[str]]  # warnings and errors in each gateway's log
+    idle_ms_per_s: dict[str, float]  # each gateway's CPU with no request at all
 
 
 def measure(
@@ -131,6 +133,9 @@ def measure(
     targets = [Target("direct", mock, None), *(s.target for s in setups)]
     helpers = (("redis", redis_server),) if redis_server is not None else ()
     servers = Servers(mock, setups[0].gateway, tuple(s.gateway for s in setups[1:]), helpers)
+    quiet.wait()
+    _progress(f"idle CPU of the gateways, {plan.idle_s:g} s")
+    idle = idle_cpu(setups, plan.idle_s)
     _progress(
         f"saturation, {plan.connections} connections, {plan.saturation_blocks} blocks per side"
     )
@@ -166,7 +171,20 @@ def measure(
         refusals={s.label: metric(s, "headrace_quota_refusals_total") for s in setups},
         spooled={s.label: metric(s, "headrace_usage_records", 'outcome="spooled"') for s in setups},
         events={s.label: log_events(s.gateway) for s in setups},
+        idle_ms_per_s=idle,
     )
+
+
+def idle_cpu(setups: list[Setup], seconds: float) -> dict[str, float]:
+    """Each gateway's CPU over ``seconds`` with no request (its timers and background
+    loops: the job runner's and the webhook outbox's polls, the usage writer, uvicorn), in
+    ms per second."""
+    before = {s.label: CpuSample.of(s.gateway.pid).cpu_s for s in setups}
+    time.sleep(seconds)
+    return {
+        s.label: (CpuSample.of(s.gateway.pid).cpu_s - before[s.label]) * 1000 / seconds
+        for s in setups
+    }
 
 
 def _delta(value: float, base: float) -> str:
@@ -228,6 +246,10 @@ def tenancy_table(plan: Plan, results: Results, goals: list[Goal]) -> Table:
         {c: _delta(fixed[c].overhead_ms[0], base.overhead_ms[0]) for c in CONFIGS[1:]},
     )
     row("gateway RSS after the run (MiB)", {c: fmt(fixed[c].gateway_rss_mib, 1) for c in CONFIGS})
+    row(
+        "gateway CPU while idle, before the load (ms per s)",
+        {c: fmt(results.idle_ms_per_s[c], 1) for c in CONFIGS},
+    )
     row(
         "load generator send lag p99 (ms)",
         {c: fmt(fixed[c].send_lag.p99) for c in CONFIGS},
