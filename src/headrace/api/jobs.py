@@ -20,7 +20,8 @@ from headrace.api.context import authenticated_call, json_body, runtime
 from headrace.api.wire import invalid
 from headrace.domain import JobKind, JobStatus, Principal, Priority
 from headrace.errors import InvalidRequestError, NotFoundError
-from headrace.jobs.service import JobOptions, JobService, job_view
+from headrace.jobs.service import JobOptions, JobService
+from headrace.queue.base import job_view
 from headrace.wiring import Runtime
 
 router = APIRouter()

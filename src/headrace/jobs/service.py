@@ -304,27 +304,3 @@ def _visible(principal: Principal, job: Job) -> bool:
     if principal.team_id is not None:
         return job.team_id == principal.team_id
     return job.team_id is None and job.key_id == principal.key_id
-
-
-def job_view(job: Job) -> dict[str, Any]:
-    """The public JSON view of a job (GET /v1/jobs/{id}, webhooks, SSE)."""
-    return {
-        "id": job.id,
-        "object": "job",
-        "kind": job.kind.value,
-        "status": job.status.value,
-        "priority": job.priority.value,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "deadline_at": job.deadline_at,
-        "result": job.result,
-        "error": job.error,
-        "errors": list(job.errors),
-        "cost_usd": job.cost_micro_usd / 1e6,
-        "metadata": dict(job.metadata),
-        "webhook_url": job.webhook_url,
-        "batch_id": job.batch_id,
-    }

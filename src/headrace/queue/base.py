@@ -256,3 +256,31 @@ class JobQueue(Protocol):
         ...
 
     async def deliveries(self, job_id: str) -> list[DeliveryRecord]: ...
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """The job as its owner sees it: ``GET /v1/jobs/{id}``, the webhook payload, SSE events.
+
+    ``result`` is set once succeeded; ``error`` is the last failure (None once succeeded) and
+    ``errors`` every failed attempt. Times are unix seconds.
+    """
+    return {
+        "id": job.id,
+        "object": "job",
+        "kind": job.kind.value,
+        "status": job.status.value,
+        "priority": job.priority.value,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "deadline_at": job.deadline_at,
+        "result": None if job.result is None else dict(job.result),
+        "error": None if job.error is None else dict(job.error),
+        "errors": [dict(e) for e in job.errors],
+        "cost_usd": job.cost_micro_usd / 1e6,
+        "metadata": dict(job.metadata),
+        "webhook_url": job.webhook_url,
+        "batch_id": job.batch_id,
+    }

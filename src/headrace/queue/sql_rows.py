@@ -1,7 +1,7 @@
 """How a job maps to the job tables' rows and back: shared by the SQL queue backends.
 
-:func:`job_view` is also the webhook payload; :func:`job_to_row` gives one Python type per
-column (psycopg sends a list as an array of one type).
+:func:`job_to_row` gives one Python type per column (psycopg sends a list as an array of
+one type); the webhook payload is :func:`headrace.queue.base.job_view`.
 """
 
 from __future__ import annotations
@@ -14,48 +14,18 @@ import orjson
 from sqlalchemy import Row
 
 from headrace.domain import Job, JobKind, JobStatus, Priority
+from headrace.queue.base import job_view
 
 __all__ = [
     "dumps",
     "dumps_or_none",
     "event_row",
     "job_to_row",
-    "job_view",
     "loads_or_none",
     "outbox_row",
     "row_to_job",
     "tenant_of",
 ]
-
-
-def job_view(job: Job) -> dict[str, Any]:
-    """The job as its owner sees it: the webhook payload, field for field the view that
-    ``GET /v1/jobs/{id}`` renders (:func:`headrace.jobs.service.job_view`, which this layer
-    cannot import; the two should become one, in :mod:`headrace.queue.base`).
-
-    ``result`` is set once succeeded; ``error`` is the last failure (None once succeeded) and
-    ``errors`` every failed attempt. Times are unix seconds.
-    """
-    return {
-        "id": job.id,
-        "object": "job",
-        "kind": job.kind.value,
-        "status": job.status.value,
-        "priority": job.priority.value,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "deadline_at": job.deadline_at,
-        "result": None if job.result is None else dict(job.result),
-        "error": None if job.error is None else dict(job.error),
-        "errors": [dict(e) for e in job.errors],
-        "cost_usd": job.cost_micro_usd / 1e6,
-        "metadata": dict(job.metadata),
-        "webhook_url": job.webhook_url,
-        "batch_id": job.batch_id,
-    }
 
 
 def tenant_of(job: Job) -> str:
