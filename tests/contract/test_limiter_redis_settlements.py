@@ -83,7 +83,7 @@ async def test_a_settlement_rides_the_next_acquire_which_sees_it_applied(
     limiter = limiters(settle_linger_s=MINUTE)
     assert (await limiter.acquire([tpm(100), parallel(1)], "a")).allowed
     sent = count_calls(limiter, monkeypatch)
-    settling = asyncio.create_task(limiter.settle(settled(-60), "a"))
+    settling = limiter.settle(settled(-60), "a")
     for _ in range(3):
         await asyncio.sleep(0)
     assert not settling.done()  # held
@@ -121,7 +121,7 @@ async def test_aclose_sends_every_settlement_still_held(limiters: Factory) -> No
     limiter, twin = limiters(settle_linger_s=MINUTE), limiters()
     for n in range(3):
         assert (await limiter.acquire([tpm(100), parallel(3)], f"r{n}")).allowed
-    settling = [asyncio.create_task(limiter.settle(settled(-50), f"r{n}")) for n in range(3)]
+    settling = [limiter.settle(settled(-50), f"r{n}") for n in range(3)]
     await asyncio.sleep(0)
     await limiter.aclose()
     assert [t.result() for t in settling] == [(250, 2), (200, 1), (150, 0)]
@@ -132,7 +132,7 @@ async def test_aclose_sends_every_settlement_still_held(limiters: Factory) -> No
 async def test_a_settle_whose_caller_stops_waiting_is_still_applied(limiters: Factory) -> None:
     limiter = limiters(settle_linger_s=MINUTE)
     assert (await limiter.acquire([parallel(1)], "a")).allowed
-    settling = asyncio.create_task(limiter.settle([Settlement.of(parallel(1))], "a"))
+    settling = limiter.settle([Settlement.of(parallel(1))], "a")
     await asyncio.sleep(0)
     settling.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -145,7 +145,7 @@ async def test_an_acquire_cancelled_mid_call_still_applies_and_answers_what_it_c
 ) -> None:
     limiter, twin = limiters(settle_linger_s=MINUTE, max_connections=1), limiters()
     assert (await limiter.acquire([parallel(1)], "a")).allowed
-    settling = asyncio.create_task(limiter.settle([Settlement.of(parallel(1))], "a"))
+    settling = limiter.settle([Settlement.of(parallel(1))], "a")
     await asyncio.sleep(0)
     acquiring = asyncio.create_task(limiter.acquire([parallel(5)], "b"))
     await asyncio.sleep(0)
@@ -160,7 +160,7 @@ async def test_an_acquire_cancelled_mid_call_still_applies_and_answers_what_it_c
 
 async def test_a_failed_call_fails_every_settlement_it_carried() -> None:
     limiter = RedisLimiter(NOWHERE, settle_linger_s=MINUTE)
-    settling = [asyncio.create_task(limiter.settle(settled(-5), f"r{n}")) for n in range(3)]
+    settling = [limiter.settle(settled(-5), f"r{n}") for n in range(3)]
     await asyncio.sleep(0)
     with pytest.raises(LimiterUnavailableError):
         await limiter.acquire([tpm(10)], "next")
@@ -193,3 +193,18 @@ async def test_the_quota_guard_logs_each_settlement_a_failed_call_carried() -> N
         await guard.aclose()
     failed = [e["lease"] for e in logs if e["event"] == "quota_settle_failed"]
     assert sorted(failed) == ["r0", "r1", "r2"]
+
+
+async def test_a_settlement_is_held_before_settle_later_returns(limiters: Factory) -> None:
+    # No loop turn between a request's settlement and the same client's next request: that
+    # request's acquire carries the settlement, so its parallel slot is free again.
+    guard = QuotaGuard(limiters())
+    demand = parallel(1)
+    lease = "first"
+    taken = await guard.limiter.acquire([demand], lease)
+    assert taken.allowed
+    first = Reservation(lease, (demand,), Estimate(0, 0), (None,), (0,), (0,))
+    guard.settle_later(first, tokens=0, cost_micro_usd=0)
+    again = await guard.limiter.acquire([demand], "second")
+    assert again.allowed
+    await guard.aclose()

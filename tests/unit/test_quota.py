@@ -109,6 +109,17 @@ async def test_parallel_slots_are_released_by_settle() -> None:
     assert await g.reserve(call(p, 2), Estimate(0, 0)) is not None
 
 
+async def test_settle_later_frees_the_slot_before_it_returns() -> None:
+    # The answer goes out right after it: the client's next request must find its slot free.
+    g = guard(Clock(NOV_27))
+    p = principal(Quota(max_parallel=1))
+    held = await g.reserve(call(p, 0), Estimate(0, 0))
+    assert held is not None
+    g.settle_later(held, tokens=0, cost_micro_usd=0)
+    assert await g.reserve(call(p, 1), Estimate(0, 0)) is not None
+    await g.aclose()
+
+
 async def test_budget_reserves_cost_refuses_with_402_and_settles() -> None:
     g = guard(Clock(NOV_27))
     p = principal(Quota(budget_micro_usd=1000))
@@ -184,13 +195,18 @@ class SlowSettling(MemoryLimiter):
         self.release = asyncio.Event()
         self.settled: list[tuple[str, int]] = []
 
-    async def settle(self, settlements: Sequence[Settlement], lease: str) -> tuple[int, ...]:
-        await self.release.wait()
-        self.settled += [(s.key, s.delta) for s in settlements]
-        return await super().settle(settlements, lease)
+    def settle(
+        self, settlements: Sequence[Settlement], lease: str
+    ) -> asyncio.Future[tuple[int, ...]]:
+        async def later() -> tuple[int, ...]:
+            await self.release.wait()
+            self.settled += [(s.key, s.delta) for s in settlements]
+            return await super(SlowSettling, self).settle(settlements, lease)
+
+        return asyncio.ensure_future(later())
 
 
-async def test_settle_later_runs_in_a_task_that_aclose_waits_for() -> None:
+async def test_aclose_waits_for_settlements_the_limiter_has_not_answered() -> None:
     clock = Clock(NOV_27)
     limiter = SlowSettling(clock)
     g = QuotaGuard(limiter, None, clock=clock)

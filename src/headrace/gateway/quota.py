@@ -18,6 +18,7 @@ Crossing a soft threshold raises one alert per period across all processes
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -123,7 +124,8 @@ class QuotaGuard:
     Each principal's demands (counter names, limits, budget period and seed, the
     ``RateLimit-Policy`` header) are built on its first request and reused until its budget
     period ends or its quota changes, so a request only fills in its estimate.
-    :meth:`settle_later` settles from a task; :meth:`aclose` waits for every one started.
+    :meth:`settle_later` hands the settlement to the limiter without waiting for its answer;
+    :meth:`aclose` waits for every answer and alert outstanding.
     """
 
     def __init__(
@@ -145,7 +147,8 @@ class QuotaGuard:
         self._seeds: dict[str, int] = {}  # budget counter -> spend recorded before this process
         self._plans: dict[str, _Plan] = {}  # key id -> its principal's demands
         self._alerted: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # alerts being sent
+        self._settling: set[asyncio.Future[tuple[int, ...]]] = set()  # settlements unanswered
 
     @property
     def limiter(self) -> Limiter:
@@ -199,7 +202,48 @@ class QuotaGuard:
         return Reservation(lease, demands, estimate, plan.budgets, plan.settled, plan.amounts)
 
     async def settle(self, reservation: Reservation, tokens: int, cost_micro_usd: int) -> None:
-        """Charge what the call really used and free its parallel slot."""
+        """Charge what the call really used and free its parallel slot; return once the
+        limiter has applied it (and sent a soft-budget alert it raised)."""
+        taken = self._take(reservation, tokens, cost_micro_usd)
+        if taken is None:
+            return
+        done, budgets = taken
+        try:
+            values = await done
+        except LimiterUnavailableError as exc:
+            # Counters stay as reserved (an over-estimate) and leases expire on their TTL.
+            log.warning("quota_settle_failed", error=str(exc), lease=reservation.lease)
+            return
+        for budget, value in zip(budgets, values, strict=True):
+            if budget is not None and budget.soft_ratio is not None:
+                await self._maybe_alert(budget, value)
+
+    def settle_later(self, reservation: Reservation, tokens: int, cost_micro_usd: int) -> None:
+        """:meth:`settle` without waiting: the limiter takes the settlement before this
+        returns (a local one has applied it, a remote one holds it for its next call), and its
+        answer is handled when it comes; :meth:`aclose` waits for it."""
+        taken = self._take(reservation, tokens, cost_micro_usd)
+        if taken is None:
+            return
+        done, budgets = taken
+        if done.done():
+            self._settled(reservation.lease, budgets, done)
+        else:
+            self._settling.add(done)
+            done.add_done_callback(functools.partial(self._settled, reservation.lease, budgets))
+
+    async def aclose(self) -> None:
+        """Wait for every settlement and alert started (new ones may start meanwhile)."""
+        while self._tasks or self._settling:
+            await asyncio.gather(*self._tasks, *self._settling, return_exceptions=True)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _take(
+        self, reservation: Reservation, tokens: int, cost_micro_usd: int
+    ) -> tuple[asyncio.Future[tuple[int, ...]], list[_Budget | None]] | None:
+        """Hand the settlement to the limiter: its answer, and the budget of each counter
+        settled (None: not a budget); None when nothing would move."""
         estimate = reservation.estimate
         deltas = (0, tokens - estimate.tokens, cost_micro_usd - estimate.cost_micro_usd)
         settlements: list[Settlement] = []
@@ -214,39 +258,38 @@ class QuotaGuard:
             settlements.append(Settlement.of(demand, delta))
             budgets.append(budget)
         if not settlements:
-            return
-        try:
-            values = await self._limiter.settle(settlements, reservation.lease)
-        except LimiterUnavailableError as exc:
-            # Counters stay as reserved (an over-estimate) and leases expire on their TTL.
-            log.warning("quota_settle_failed", error=str(exc), lease=reservation.lease)
-            return
-        for budget, value in zip(budgets, values, strict=True):
-            if budget is not None and budget.soft_ratio is not None:
-                await self._maybe_alert(budget, value)
+            return None
+        return self._limiter.settle(settlements, reservation.lease), budgets
 
-    def settle_later(self, reservation: Reservation, tokens: int, cost_micro_usd: int) -> None:
-        """Settle from a task, so that the caller does not wait for the limiter's answer.
+    def _settled(
+        self, lease: str, budgets: list[_Budget | None], done: asyncio.Future[tuple[int, ...]]
+    ) -> None:
+        """The limiter's answer to :meth:`settle_later`: log a failure, start a due alert."""
+        self._settling.discard(done)
+        if done.cancelled():
+            return
+        if (exc := done.exception()) is not None:
+            if isinstance(exc, LimiterUnavailableError):
+                # Counters stay as reserved (an over-estimate) and leases expire on their TTL.
+                log.warning("quota_settle_failed", error=str(exc), lease=lease)
+            else:
+                log.error("quota_settle_error", error=repr(exc), lease=lease)
+            return
+        for budget, value in zip(budgets, done.result(), strict=True):
+            if budget is None or budget.soft_ratio is None:
+                continue
+            if value >= budget.soft_ratio * budget.limit:
+                self._spawn(self._maybe_alert(budget, value))  # a task only when one is due
 
-        The task starts on the event loop's next turn; :meth:`aclose` waits for it.
-        """
-        task = asyncio.get_running_loop().create_task(
-            self.settle(reservation, tokens, cost_micro_usd)
-        )
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._done)
-
-    async def aclose(self) -> None:
-        """Wait for every settlement and alert started (new ones may start meanwhile)."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    # -- internals ----------------------------------------------------------------------------
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("quota_settle_error", error=repr(exc))
+            log.error("quota_alert_error", error=repr(exc))
 
     @staticmethod
     def _fill(plan: _Plan, estimate: Estimate, now: float) -> list[Demand]:
@@ -409,9 +452,7 @@ class QuotaGuard:
             threshold=budget.soft_ratio,
         )
         if self._alert is not None:
-            task = asyncio.get_running_loop().create_task(self._alert(alert))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._alert(alert))
 
 
 def _headers(plan: _Plan, states: Sequence[CounterState]) -> dict[str, str]:

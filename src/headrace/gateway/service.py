@@ -187,7 +187,7 @@ class GatewayService:
         if usage.completion_tokens:
             self._metrics.tokens.labels(operation, model, "output").observe(usage.completion_tokens)
 
-    async def _finish(
+    def _finish(
         self,
         call: Call,
         operation: str,
@@ -198,15 +198,12 @@ class GatewayService:
     ) -> None:
         """Settle the quota and write the usage record: once per request, whatever happened.
 
-        The settlement runs in a task, so that the answer does not wait for the limiter's
-        round trip; the quota guard waits for its tasks when it closes. The task is given one
-        turn of the event loop before the answer goes out: a local limiter has settled by
-        then, and a remote one holds the settlement, so that this process's next acquire
-        carries it; so a client whose next request comes to this process finds its parallel
-        slot free and its refund made. Redis gets the settlement a loop turn or two after the
-        answer (a request to another process arriving sooner can still see the slot taken).
-        A cancelled request (the client went away) must not await: it does not wait for
-        that turn.
+        The answer does not wait for the limiter: the settlement is handed to it before the
+        answer goes out (a local limiter has applied it, a remote one holds it for this
+        process's next acquire, which carries it), so a client whose next request comes to
+        this process finds its parallel slot free and its refund made. Redis gets it at the
+        next event-loop turn, after the answer (a request to another process arriving sooner
+        can still see the slot taken); the quota guard waits for the answers when it closes.
         """
         if error is None:
             status, name = 200, None
@@ -220,8 +217,6 @@ class GatewayService:
         self._write_usage(call, operation, status, name, stream=stream)
         if reservation is not None and self._quota is not None:
             self._quota.settle_later(reservation, usage.total_tokens, call.cost_micro_usd or 0)
-            if status != CANCELLED_STATUS:
-                await asyncio.sleep(0)
 
     def record_refusal(self, call: Call, operation: str, error: Exception) -> None:
         """Account a request that failed before it reached the service (the API could not read
@@ -290,9 +285,9 @@ class GatewayService:
                     call, request, lambda: self._upstream_chat(call, request)
                 )
         except BaseException as exc:
-            await self._finish(call, "chat", reservation, exc)
+            self._finish(call, "chat", reservation, exc)
             raise
-        await self._finish(call, "chat", reservation, None)
+        self._finish(call, "chat", reservation, None)
         return response
 
     def _chat_estimate(self, call: Call, request: ChatRequest) -> Estimate:
@@ -360,7 +355,7 @@ class GatewayService:
             raise
         finally:
             await chunks.aclose()
-            await self._finish(call, "chat", reservation, error, stream=True)
+            self._finish(call, "chat", reservation, error, stream=True)
 
     async def _upstream_stream(
         self, call: Call, request: ChatRequest
@@ -420,9 +415,9 @@ class GatewayService:
                 call, "embeddings", lambda: self._router.embed(call, request)
             )
         except BaseException as exc:
-            await self._finish(call, "embeddings", reservation, exc)
+            self._finish(call, "embeddings", reservation, exc)
             raise
-        await self._finish(call, "embeddings", reservation, None)
+        self._finish(call, "embeddings", reservation, None)
         return response
 
     def _tokens_of(self, text: str) -> int:

@@ -19,6 +19,7 @@ backend: either every demand is taken, or none is and the decision says which re
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -89,14 +90,19 @@ class Limiter(Protocol):
         """
         ...
 
-    async def settle(self, settlements: Sequence[Settlement], lease: str) -> tuple[int, ...]:
-        """Apply each settlement; return each counter's value afterwards (spend, for budgets).
+    def settle(
+        self, settlements: Sequence[Settlement], lease: str
+    ) -> asyncio.Future[tuple[int, ...]]:
+        """Take each settlement now; the future gives each counter's value once it is applied
+        (spend, for budgets), or raises :class:`LimiterUnavailableError`.
 
         Release ``lease``'s CONCURRENCY slots. A BUDGET counter that no longer exists (its
-        period ended) is skipped (value 0); a missing RATE counter counts as empty. A remote
-        backend may hold a settlement for a few milliseconds to send it with other calls (the
-        next :meth:`acquire` of this process applies it before its own demands); it returns
-        once the settlement is applied, and :meth:`aclose` sends every one still held.
+        period ended) is skipped (value 0); a missing RATE counter counts as empty. Taken
+        before this returns, with no await: a local backend has applied it, and a remote one
+        holds it for its next call (the next :meth:`acquire` of this process applies it before
+        its own demands, or it goes on its own at the next event-loop turn, or within a few
+        milliseconds when the backend lingers). :meth:`aclose` sends every one still held.
+        Cancelling the future does not withdraw the settlement.
         """
         ...
 

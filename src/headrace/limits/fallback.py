@@ -9,6 +9,7 @@ skips this wrapper: requests then fail with 503 while the backend is down.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 
@@ -55,16 +56,31 @@ class FallbackLimiter:
         self._local_leases.add(lease)
         return await self._local.acquire(demands, lease)
 
-    async def settle(self, settlements: Sequence[Settlement], lease: str) -> tuple[int, ...]:
+    def settle(
+        self, settlements: Sequence[Settlement], lease: str
+    ) -> asyncio.Future[tuple[int, ...]]:
         if lease in self._local_leases:
             self._local_leases.discard(lease)
-            return await self._local.settle(settlements, lease)
-        try:
-            return await self._shared.settle(settlements, lease)
-        except LimiterUnavailableError as exc:
-            # The counters stay as reserved; leases expire on their own TTL.
-            self._went_down(exc)
-            return tuple(0 for _ in settlements)
+            return self._local.settle(settlements, lease)
+        shared = self._shared.settle(settlements, lease)
+        done: asyncio.Future[tuple[int, ...]] = asyncio.get_running_loop().create_future()
+
+        def relay(answer: asyncio.Future[tuple[int, ...]]) -> None:
+            if done.done():
+                return  # its caller stopped waiting
+            if answer.cancelled():
+                done.cancel()
+            elif isinstance(exc := answer.exception(), LimiterUnavailableError):
+                # The counters stay as reserved; leases expire on their own TTL.
+                self._went_down(exc)
+                done.set_result(tuple(0 for _ in settlements))
+            elif exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(answer.result())
+
+        shared.add_done_callback(relay)
+        return done
 
     async def first_time(self, flag: str, ttl_s: float) -> bool:
         if not self.degraded:

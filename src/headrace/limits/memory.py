@@ -22,6 +22,7 @@ of clock time.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import math
 import time
@@ -305,9 +306,13 @@ class MemoryLimiter:
         wait = math.inf if demand.amount > demand.limit else looks[index].wait_s
         return Decision(False, tuple(look.state for look in looks), index, wait)
 
-    async def settle(self, settlements: Sequence[Settlement], lease: str) -> tuple[int, ...]:
+    def settle(
+        self, settlements: Sequence[Settlement], lease: str
+    ) -> asyncio.Future[tuple[int, ...]]:
         now = self._now()
-        return tuple(self._counters[s.kind].settle(s, lease, now) for s in settlements)
+        done: asyncio.Future[tuple[int, ...]] = asyncio.get_running_loop().create_future()
+        done.set_result(tuple(self._counters[s.kind].settle(s, lease, now) for s in settlements))
+        return done
 
     async def first_time(self, flag: str, ttl_s: float) -> bool:
         now = self._now()

@@ -434,21 +434,22 @@ class RedisLimiter:
         retry_after = math.inf if retry_us < 0 else retry_us / _US
         return Decision(False, states, refused - 1, retry_after)
 
-    async def settle(self, settlements: Sequence[Settlement], lease: str) -> tuple[int, ...]:
-        """Hold the settlement for the next call (see the class doc); its counters' values.
-
-        A caller that stops waiting (cancelled) does not withdraw the settlement.
-        """
-        if not settlements:
-            return ()
+    def settle(
+        self, settlements: Sequence[Settlement], lease: str
+    ) -> asyncio.Future[tuple[int, ...]]:
+        """Hold the settlement for the next call (see the class doc); the future gives its
+        counters' values once it is applied."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[int, ...]] = loop.create_future()
+        if not settlements:
+            done.set_result(())
+            return done
         self._held.append(_Held(settlements, lease, done))
         if len(self._held) >= _MAX_HELD:
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self._linger_s, self._flush)
-        return await done
+        return done
 
     async def first_time(self, flag: str, ttl_s: float) -> bool:
         ttl_ms = max(1, math.ceil(ttl_s * 1000))
