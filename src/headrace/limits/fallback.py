@@ -66,13 +66,15 @@ class FallbackLimiter:
         done: asyncio.Future[tuple[int, ...]] = asyncio.get_running_loop().create_future()
 
         def relay(answer: asyncio.Future[tuple[int, ...]]) -> None:
+            exc = None if answer.cancelled() else answer.exception()
+            if isinstance(exc, LimiterUnavailableError):
+                # The counters stay as reserved; leases expire on their own TTL.
+                self._went_down(exc)
             if done.done():
                 return  # its caller stopped waiting
             if answer.cancelled():
                 done.cancel()
-            elif isinstance(exc := answer.exception(), LimiterUnavailableError):
-                # The counters stay as reserved; leases expire on their own TTL.
-                self._went_down(exc)
+            elif isinstance(exc, LimiterUnavailableError):
                 done.set_result(tuple(0 for _ in settlements))
             elif exc is not None:
                 done.set_exception(exc)
