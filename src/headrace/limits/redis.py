@@ -377,8 +377,9 @@ class RedisLimiter:
     settlement held. With a linger, at a steady rate that is one command per request instead
     of two (each write to an idle Redis's socket costs the gateway about 35 µs of kernel time
     here); the default, 0, keeps other processes' view of freed slots as prompt as before.
-    :meth:`settle` returns once its settlement is applied (or raises, as before, if the call
-    carrying it failed); :meth:`aclose` sends every settlement still held first.
+    :meth:`settle` holds the settlement before it returns; its future gives the counters'
+    values once the settlement is applied, or raises if the call carrying it failed;
+    :meth:`aclose` sends every settlement still held first.
     """
 
     def __init__(
