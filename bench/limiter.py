@@ -13,7 +13,10 @@ and of ``--commit``, or the working tree), in alternating rounds:
 - Redis's own time per ``EVALSHA`` of an acquire and of a settlement (``INFO commandstats``:
   its ``usec`` over its ``calls``), and the commands the script ran per call;
 - one acquire, awaited, as the gateway makes it: round-trip p50/p99 and this process's CPU;
-- the floor under any round trip here: ``PING`` over a plain asyncio socket, same figures.
+- the same acquire 5 ms after the last (``--paced`` of them per round), as requests come at
+  200/s in bench/tenancy.py: both processes sleep between calls, and waking them costs time;
+- the floor under any round trip here: ``PING`` over a plain asyncio socket, same figures,
+  back to back and 5 ms apart.
 
 The counters live under a prefix of their own, deleted at the end. Other clients of the same
 Redis skew the command counts: run it on a quiet one.
@@ -46,6 +49,7 @@ from headrace.limits.base import Demand, LimitKind, Settlement
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = "src/headrace/limits/redis.py"
 NEVER = 10**15  # limits too high to refuse
+PACE_S = 0.005  # between paced calls: 200/s, bench/tenancy.py's fixed rate
 
 
 def demands() -> list[Demand]:
@@ -98,6 +102,7 @@ class Side:
     acquire_commands: list[float] = field(default_factory=list)
     settle_commands: list[float] = field(default_factory=list)
     round_trip_s: list[float] = field(default_factory=list)
+    paced_s: list[float] = field(default_factory=list)  # acquires 5 ms apart
     cpu_us: list[float] = field(default_factory=list)  # this process, per awaited acquire
 
 
@@ -111,7 +116,9 @@ def commandstats(client: redis.Redis) -> tuple[int, int, int]:
     return int(evalsha["calls"]), int(evalsha["usec"]), int(others)
 
 
-async def measure(side: Side, client: redis.Redis, url: str, calls: int, round_: int) -> None:
+async def measure(
+    side: Side, client: redis.Redis, url: str, calls: int, paced: int, round_: int
+) -> None:
     limiter = side.module.RedisLimiter(url, prefix=side.prefix)
     ds = demands()
     ss = settlements(ds)
@@ -131,6 +138,12 @@ async def measure(side: Side, client: redis.Redis, url: str, calls: int, round_:
         for lease in leases:
             await limiter.settle(ss, lease)
         c2, u2, o2 = commandstats(client)
+        for lease in leases[:paced]:
+            await asyncio.sleep(PACE_S)
+            started = time.perf_counter()
+            await limiter.acquire(ds, "paced-" + lease)
+            side.paced_s.append(time.perf_counter() - started)
+            await limiter.settle(ss, "paced-" + lease)
         side.acquire_us.append((u1 - u0) / (c1 - c0))
         side.settle_us.append((u2 - u1) / (c2 - c1))
         side.acquire_commands.append((o1 - o0) / (c1 - c0))
@@ -139,8 +152,16 @@ async def measure(side: Side, client: redis.Redis, url: str, calls: int, round_:
         await limiter.aclose()
 
 
-async def ping_floor(url: str, calls: int) -> tuple[list[float], float]:
-    """Round trips of ``PING`` on a plain asyncio socket, and this process's CPU per one (µs)."""
+@dataclass
+class Floor:
+    round_trip_s: list[float]
+    cpu_us: float
+    paced_s: list[float]
+
+
+async def ping_floor(url: str, calls: int, paced: int) -> Floor:
+    """Round trips of ``PING`` on a plain asyncio socket, this process's CPU per one (µs), and
+    round trips of ``paced`` more, 5 ms apart."""
     settings = redis.connection.parse_url(url)
     reader, writer = await asyncio.open_connection(
         settings.get("host", "127.0.0.1"), settings.get("port", 6379)
@@ -157,7 +178,15 @@ async def ping_floor(url: str, calls: int) -> tuple[list[float], float]:
             writer.write(ping)
             await reader.readline()
             times.append(time.perf_counter() - started)
-        return times, (time.process_time() - cpu0) / calls * 1e6
+        cpu = (time.process_time() - cpu0) / calls * 1e6
+        spaced = []
+        for _ in range(paced):
+            await asyncio.sleep(PACE_S)
+            started = time.perf_counter()
+            writer.write(ping)
+            await reader.readline()
+            spaced.append(time.perf_counter() - started)
+        return Floor(times, cpu, spaced)
     finally:
         writer.close()
         await writer.wait_closed()
@@ -169,7 +198,7 @@ def forget(client: redis.Redis, prefix: str) -> None:
         client.delete(*keys)
 
 
-def table(sides: list[Side], floor: tuple[list[float], float]) -> Table:
+def table(sides: list[Side], floor: Floor) -> Table:
     t = Table(
         "Shared limiter on Redis: six demands per acquire, four settlements",
         ["figure", *(s.label for s in sides)],
@@ -186,10 +215,13 @@ def table(sides: list[Side], floor: tuple[list[float], float]) -> Table:
     t.add("acquire round trip p50 (ms)", *(ms(s.round_trip_s, 50) for s in sides))
     t.add("acquire round trip p99 (ms)", *(ms(s.round_trip_s, 99) for s in sides))
     t.add("client CPU per acquire, this process (us)", *(fmt(med(s.cpu_us), 0) for s in sides))
-    times, cpu = floor
+    t.add("acquire round trip p50, 5 ms apart (ms)", *(ms(s.paced_s, 50) for s in sides))
+    t.add("acquire round trip p99, 5 ms apart (ms)", *(ms(s.paced_s, 99) for s in sides))
+    times, cpu = floor.round_trip_s, floor.cpu_us
     t.notes += [
         f"floor, PING on a plain asyncio socket: round trip p50 {ms(times, 50)} ms, p99 "
-        f"{ms(times, 99)} ms, client CPU {fmt(cpu, 0)} us per call",
+        f"{ms(times, 99)} ms, client CPU {fmt(cpu, 0)} us per call; 5 ms apart: p50 "
+        f"{ms(floor.paced_s, 50)} ms, p99 {ms(floor.paced_s, 99)} ms",
         "Redis time = INFO commandstats usec / calls for EVALSHA (the script's own commands "
         "included); medians over the rounds",
     ]
@@ -206,8 +238,8 @@ async def run(args: argparse.Namespace) -> None:
     try:
         for round_ in range(args.rounds):
             for side in sides if round_ % 2 == 0 else reversed(sides):
-                await measure(side, client, args.redis_url, args.calls, round_)
-        floor = await ping_floor(args.redis_url, args.calls * 2)
+                await measure(side, client, args.redis_url, args.calls, args.paced, round_)
+        floor = await ping_floor(args.redis_url, args.calls * 2, args.paced * 2)
     finally:
         for side in sides:
             forget(client, side.prefix)
@@ -225,6 +257,9 @@ def main() -> None:
     parser.add_argument("--commit", help="the commit measured (default: the working tree)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--calls", type=int, default=500, help="acquires per side per round")
+    parser.add_argument(
+        "--paced", type=int, default=60, help="acquires 5 ms apart per side per round"
+    )
     args = parser.parse_args()
     print(
         f"Headrace limiter benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
