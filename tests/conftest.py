@@ -20,6 +20,8 @@ from headrace.store.memory import MemoryStore
 from headrace.wiring import Runtime, build_runtime
 from headrace.worker.process import attach_workers
 
+pytest_plugins = ["tests.private_postgres"]  # the private_postgres fixture
+
 ADMIN_KEY = "hr_test-admin-key"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 

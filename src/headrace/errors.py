@@ -16,6 +16,7 @@
     ├── RateLimitExceededError         429 requests|tokens / rate_limit_exceeded (+ Retry-After)
     ├── BudgetExceededError            402 insufficient_quota / budget_exceeded
     ├── OverloadedError                503 service_unavailable / overloaded
+    │   └── StoreUnavailableError      503 service_unavailable / store_unavailable (+ Retry-After)
     ├── ClientClosedError              499 client_closed / client_closed_request (nobody reads it)
     └── UpstreamError                  502 upstream_error (names the deployment, never its key)
         ├── UpstreamStatusError        502 (the upstream answered 5xx, 401/403, or nonsense)
@@ -143,6 +144,20 @@ class OverloadedError(HeadraceError):
     status = 503
     type = "service_unavailable"
     default_code = "overloaded"
+
+
+STORE_RETRY_AFTER_S = "5"  # Retry-After of a StoreUnavailableError: a restart takes seconds
+
+
+class StoreUnavailableError(OverloadedError):
+    """The database could not complete the operation (down, restarting, locked, timed out).
+
+    Raised for the store's connection and operational errors (the API's handler, the key
+    lookup), so that a client retries instead of seeing an internal error; nothing the
+    request asked for was done.
+    """
+
+    default_code = "store_unavailable"
 
 
 class ClientClosedError(HeadraceError):

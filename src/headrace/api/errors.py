@@ -6,11 +6,18 @@ import orjson
 import structlog
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy import exc as sa_exc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from headrace.errors import HeadraceError, InvalidRequestError, NotFoundError
+from headrace.errors import (
+    STORE_RETRY_AFTER_S,
+    HeadraceError,
+    InvalidRequestError,
+    NotFoundError,
+    StoreUnavailableError,
+)
 
 log = structlog.get_logger("headrace.api")
 
@@ -50,6 +57,22 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
     )
 
 
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    """A database error on a request's path (PostgreSQL down or restarting, SQLite locked):
+    503 with ``Retry-After``, logged as a warning, not an internal error."""
+    call = request.scope.get("state", {}).get("call")
+    request_id = getattr(call, "request_id", "unknown")
+    cause = getattr(exc, "orig", None) or exc
+    log.warning("store_unavailable", request_id=request_id, error=repr(cause))
+    return error_response(
+        StoreUnavailableError(
+            f"The database is unavailable ({type(cause).__name__}); nothing was done. Retry "
+            f"shortly (request id {request_id}).",
+            headers={"Retry-After": STORE_RETRY_AFTER_S},
+        )
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     call = request.scope.get("state", {}).get("call")
     request_id = getattr(call, "request_id", "unknown")
@@ -65,4 +88,7 @@ def install(app: Starlette) -> None:
     app.add_exception_handler(HeadraceError, _headrace_error)
     app.add_exception_handler(HTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    # Connection loss, refused connections, server shutdown, lock and statement timeouts.
+    for store_error in (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
+        app.add_exception_handler(store_error, _store_unavailable)
     app.add_exception_handler(Exception, _unexpected)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headrace.domain import NO_QUOTA, ApiKey, Principal, Quota, Role, Team
-from headrace.errors import AuthenticationError, OverloadedError
+from headrace.errors import STORE_RETRY_AFTER_S, AuthenticationError, StoreUnavailableError
 from headrace.store.base import KeyStore, Store
 
 SECRET_PREFIX = "hr_"  # noqa: S105 - a visible prefix, not a secret
@@ -119,11 +119,10 @@ class Authenticator:
                 key = await self._store.get_by_hash(digest)
                 team = await self._store.get_team(key.team_id) if key and key.team_id else None
             except Exception as exc:  # any store failure is an outage to the client
-                raise OverloadedError(
+                raise StoreUnavailableError(
                     "The key store is unreachable, so this key cannot be checked; keys used "
                     "recently still work. Retry shortly.",
-                    code="store_unavailable",
-                    headers={"Retry-After": "5"},
+                    headers={"Retry-After": STORE_RETRY_AFTER_S},
                 ) from exc
             principal = None
             if key is not None and not key.revoked and hmac.compare_digest(key.secret_hash, digest):
