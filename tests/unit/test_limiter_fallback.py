@@ -65,6 +65,16 @@ def fallback(shared: Limiter, clock: Clock) -> FallbackLimiter:
     return FallbackLimiter(shared, MemoryLimiter(clock=clock), retry_after_s=RETRY_S, clock=clock)
 
 
+async def admitted_then_down() -> FallbackLimiter:
+    """A fallback limiter whose shared backend admitted lease ``a``, then went away."""
+    clock = Clock()
+    shared = Switchable(clock=clock)
+    limiter = fallback(shared, clock)
+    assert (await limiter.acquire([parallel(2)], "a")).allowed
+    shared.down = True
+    return limiter
+
+
 async def test_with_the_backend_down_limits_hold_locally_and_it_says_so_once() -> None:
     clock = Clock()
     limiter = fallback(RedisLimiter(NOWHERE), clock)
@@ -99,11 +109,7 @@ async def test_the_shared_backend_is_tried_again_after_retry_after_s() -> None:
 
 
 async def test_a_lost_settlement_answers_zeros_and_marks_the_backend_down() -> None:
-    clock = Clock()
-    shared = Switchable(clock=clock)
-    limiter = fallback(shared, clock)
-    assert (await limiter.acquire([parallel(2)], "a")).allowed
-    shared.down = True
+    limiter = await admitted_then_down()
     with capture_logs() as logs:
         values = await limiter.settle([Settlement.of(parallel(2))], "a")
     assert values == (0,)  # the counters stay as reserved; the lease expires on its TTL
@@ -112,11 +118,7 @@ async def test_a_lost_settlement_answers_zeros_and_marks_the_backend_down() -> N
 
 
 async def test_a_settlement_whose_caller_stopped_waiting_still_marks_the_backend_down() -> None:
-    clock = Clock()
-    shared = Switchable(clock=clock)
-    limiter = fallback(shared, clock)
-    assert (await limiter.acquire([parallel(2)], "a")).allowed
-    shared.down = True
+    limiter = await admitted_then_down()
     settling = limiter.settle([Settlement.of(parallel(2))], "a")
     settling.cancel()
     await asyncio.sleep(0)  # the shared backend's answer arrives

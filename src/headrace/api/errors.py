@@ -57,11 +57,15 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
     )
 
 
+def _request_id(request: Request) -> str:
+    call = request.scope.get("state", {}).get("call")
+    return str(getattr(call, "request_id", "unknown"))
+
+
 async def _store_unavailable(request: Request, exc: Exception) -> Response:
     """A database error on a request's path (PostgreSQL down or restarting, SQLite locked):
     503 with ``Retry-After``, logged as a warning, not an internal error."""
-    call = request.scope.get("state", {}).get("call")
-    request_id = getattr(call, "request_id", "unknown")
+    request_id = _request_id(request)
     cause = getattr(exc, "orig", None) or exc
     log.warning("store_unavailable", request_id=request_id, error=repr(cause))
     return error_response(
@@ -74,8 +78,7 @@ async def _store_unavailable(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    call = request.scope.get("state", {}).get("call")
-    request_id = getattr(call, "request_id", "unknown")
+    request_id = _request_id(request)
     log.error("unhandled_error", request_id=request_id, exc_info=exc)
     return error_response(
         HeadraceError(
