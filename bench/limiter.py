@@ -260,13 +260,25 @@ def main() -> None:
     parser.add_argument(
         "--paced", type=int, default=60, help="acquires 5 ms apart per side per round"
     )
+    parser.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="the event loop (the gateway runs on uvloop; figures before 2026-11-27 17:00 UTC "
+        "were on asyncio's)",
+    )
     args = parser.parse_args()
     print(
         f"Headrace limiter benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
         f"machine: {os.cpu_count()} cores, {platform.platform()}, Python "
-        f"{platform.python_version()}; Redis {args.redis_url}\n"
+        f"{platform.python_version()}; Redis {args.redis_url}; event loop {args.loop}\n"
     )
-    asyncio.run(run(args))
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(run(args))
+    else:
+        asyncio.run(run(args))
 
 
 if __name__ == "__main__":

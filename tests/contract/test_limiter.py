@@ -386,7 +386,7 @@ async def test_redis_a_cancelled_call_is_cancelled_and_the_next_ones_answer_in_o
     from headrace.limits.redis import RedisLimiter
 
     prefix = f"headrace-test:lim:{uuid.uuid4().hex}:"
-    limiter = RedisLimiter(redis_url, prefix=prefix, timeout_s=5.0, max_connections=1)
+    limiter = RedisLimiter(redis_url, prefix=prefix, timeout_s=5.0)
     try:
         parallel = Demand("key:k1:parallel", CONCURRENCY, 1000, 1, 60.0)
         assert (await limiter.acquire([parallel], "warm")).allowed

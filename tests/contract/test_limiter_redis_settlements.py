@@ -143,7 +143,7 @@ async def test_a_settle_whose_caller_stops_waiting_is_still_applied(limiters: Fa
 async def test_an_acquire_cancelled_mid_call_still_applies_and_answers_what_it_carried(
     limiters: Factory,
 ) -> None:
-    limiter, twin = limiters(settle_linger_s=MINUTE, max_connections=1), limiters()
+    limiter, twin = limiters(settle_linger_s=MINUTE), limiters()
     assert (await limiter.acquire([parallel(1)], "a")).allowed
     settling = limiter.settle([Settlement.of(parallel(1))], "a")
     await asyncio.sleep(0)

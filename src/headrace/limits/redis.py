@@ -34,15 +34,15 @@ The semantics are those of :mod:`headrace.limits.memory`, which the contract sui
 by side. The script touches only its ``KEYS``, but one call's keys belong to different
 counters (a key's and its team's), so they need one Redis (or Valkey) primary, not Cluster.
 
-Failures: every Redis error, including a connect or read timeout after ``timeout_s`` and no
-pooled connection free within it, raises :class:`LimiterUnavailableError` (the
-:class:`~headrace.limits.fallback.FallbackLimiter` then limits locally). Connections open
-lazily, so a Redis that is down does not stop the gateway from starting.
+Failures: every Redis error, including a connect or read timeout after ``timeout_s``, raises
+:class:`LimiterUnavailableError` (the :class:`~headrace.limits.fallback.FallbackLimiter` then
+limits locally). The connection opens lazily, so a Redis that is down does not stop the
+gateway from starting.
 
-Commands go straight to redis-py's connections (:class:`_Connections`), not through its
-client, and are encoded here: per command, the client's retry wrapper, observability hooks,
-pool checkout (which polls each connection's socket), argument encoding and a task for each
-socket write's timeout cost the gateway more CPU than the command's own I/O.
+Commands go over one pipelined connection of :mod:`headrace.limits.resp`, not through
+redis-py's client: per command, its retry wrapper, observability hooks, pool checkout,
+stream reader and writer and a timer for each reply cost the gateway more CPU than the
+command's own I/O (docs/adr/0012-limiter-redis-connection.md).
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
 from headrace.limits.base import (
     CounterState,
@@ -66,6 +65,7 @@ from headrace.limits.base import (
     LimitKind,
     Settlement,
 )
+from headrace.limits.resp import RespConnection
 
 _KIND = {LimitKind.RATE: b"r", LimitKind.CONCURRENCY: b"c", LimitKind.BUDGET: b"b"}
 _COUNTER = {LimitKind.RATE: "R", LimitKind.CONCURRENCY: "c", LimitKind.BUDGET: "b"}  # key letters
@@ -266,78 +266,6 @@ return reply()
 """
 
 
-class _Connections:
-    """redis-py connections, one command and its reply at a time on each, at most ``limit``.
-
-    ``timeout_s`` bounds connecting, each reply, and the wait for a free connection. A
-    command that meets a broken connection (they go stale when Redis restarts) is sent once
-    more on a fresh one, as redis-py's client does with one retry; timeouts are not retried.
-    A connection that failed, or whose caller was cancelled mid-reply, has already
-    disconnected itself and reconnects when next used.
-    """
-
-    def __init__(self, url: str, *, limit: int, timeout_s: float) -> None:
-        # Used only to parse the URL into connection settings. No socket_timeout (redis-py's
-        # default is 5 s): call() times the whole command, where redis-py would time each
-        # write with asyncio.wait_for, a task per write that on Python 3.11 can also swallow
-        # the caller's cancellation.
-        pool = ConnectionPool.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=None)
-        self._connection_class = pool.connection_class
-        self._settings = pool.connection_kwargs
-        self.where = self._settings.get("path") or (
-            f"{self._settings.get('host')}:{self._settings.get('port')}"
-        )
-        self._timeout_s = timeout_s
-        self._free = asyncio.BoundedSemaphore(limit)
-        self._idle: list[AbstractConnection] = []
-
-    async def call(self, *args: str | int | bytes) -> Any:
-        """Send one command and return its reply; raise redis-py's errors."""
-        command = _encode(args)
-        if self._free.locked():
-            try:
-                async with asyncio.timeout(self._timeout_s):
-                    await self._free.acquire()
-            except TimeoutError:
-                raise redis_errors.ConnectionError("no connection free in time") from None
-        else:
-            await self._free.acquire()  # at once
-        connection = self._idle.pop() if self._idle else self._connection()
-        try:
-            try:
-                return await self._send(connection, command)
-            except redis_errors.ConnectionError:
-                return await self._send(connection, command)  # reconnects first
-        finally:
-            self._idle.append(connection)
-            self._free.release()
-
-    async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            await connection.disconnect()
-
-    def _connection(self) -> AbstractConnection:
-        return self._connection_class(**self._settings)
-
-    async def _send(self, connection: AbstractConnection, command: bytes) -> Any:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await connection.send_packed_command(command, check_health=False)
-                return await connection.read_response()
-        except TimeoutError:  # the connection disconnected itself when cancelled
-            raise redis_errors.TimeoutError(f"no reply within {self._timeout_s} s") from None
-
-
-def _encode(args: Sequence[str | int | bytes]) -> bytes:
-    """One command in RESP (an array of bulk strings)."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
 class _Script:
     """A Lua script run by ``EVALSHA``, loaded again when Redis has lost it (a restart)."""
 
@@ -345,13 +273,13 @@ class _Script:
         self._source = source
         self._sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
-    async def __call__(self, connections: _Connections, keys: list[str], *args: str | bytes) -> Any:
+    async def __call__(self, redis: RespConnection, keys: list[str], *args: str | bytes) -> Any:
         """``EVALSHA`` with ``keys`` and ``args``; the reply."""
         try:
-            return await connections.call("EVALSHA", self._sha, len(keys), *keys, *args)
+            return await redis.call("EVALSHA", self._sha, len(keys), *keys, *args)
         except redis_errors.NoScriptError:
-            await connections.call("SCRIPT", "LOAD", self._source)
-            return await connections.call("EVALSHA", self._sha, len(keys), *keys, *args)
+            await redis.call("SCRIPT", "LOAD", self._source)
+            return await redis.call("EVALSHA", self._sha, len(keys), *keys, *args)
 
 
 @dataclass(slots=True)
@@ -366,9 +294,9 @@ class _Held:
 class RedisLimiter:
     """The :class:`~headrace.limits.base.Limiter` shared through Redis (see the module doc).
 
-    ``timeout_s`` bounds connecting, each reply, and the wait for one of ``max_connections``
-    pooled connections. A broken pooled connection is retried once, at once (they go stale
-    when Redis restarts); timeouts are not retried, so a slow script is never run twice.
+    ``timeout_s`` bounds connecting and each reply. A command on a connection that went away
+    is sent once more on a new one, at once (it goes stale when Redis restarts); timeouts are
+    not retried, so a slow script is never run twice.
 
     Settlements are held for up to ``settle_linger_s`` and go to Redis in the next call that
     leaves meanwhile: the next :meth:`acquire` carries them (its script applies them first, so
@@ -387,10 +315,9 @@ class RedisLimiter:
         *,
         prefix: str = "hr:lim:",
         timeout_s: float = 0.5,
-        max_connections: int = 100,
         settle_linger_s: float = 0.0,
     ) -> None:
-        self._redis = _Connections(url, limit=max_connections, timeout_s=timeout_s)
+        self._redis = RespConnection(url, timeout_s=timeout_s)
         self._where = self._redis.where
         self._prefix = prefix
         self._script = _Script(_LUA_COMMON + _LUA_CALL)
