@@ -95,7 +95,8 @@ class _Protocol(asyncio.Protocol):
         return future
 
     def close(self) -> None:
-        self._fail(ConnectionLostError("the connection was closed"))
+        """Close the connection; what is still on it fails (and is not sent again)."""
+        self._fail(redis_errors.ConnectionError("the connection was closed"))
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
