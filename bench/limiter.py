@@ -15,6 +15,8 @@ and of ``--commit``, or the working tree), in alternating rounds:
 - one acquire, awaited, as the gateway makes it: round-trip p50/p99 and this process's CPU;
 - the same acquire 5 ms after the last (``--paced`` of them per round), as requests come at
   200/s in bench/tenancy.py: both processes sleep between calls, and waking them costs time;
+  each is settled before the next, as the gateway does, so Redis's time and commands per
+  ``EVALSHA`` over these are the gateway's (a parallel slot freed before the next acquire);
 - the floor under any round trip here: ``PING`` over a plain asyncio socket, same figures,
   back to back and 5 ms apart.
 
@@ -103,6 +105,8 @@ class Side:
     settle_commands: list[float] = field(default_factory=list)
     round_trip_s: list[float] = field(default_factory=list)
     paced_s: list[float] = field(default_factory=list)  # acquires 5 ms apart
+    paced_us: list[float] = field(default_factory=list)  # Redis time per EVALSHA, paced
+    paced_commands: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)  # this process, per awaited acquire
 
 
@@ -144,6 +148,9 @@ async def measure(
             await limiter.acquire(ds, "paced-" + lease)
             side.paced_s.append(time.perf_counter() - started)
             await limiter.settle(ss, "paced-" + lease)
+        c3, u3, o3 = commandstats(client)
+        side.paced_us.append((u3 - u2) / (c3 - c2))
+        side.paced_commands.append((o3 - o2) / (c3 - c2))
         side.acquire_us.append((u1 - u0) / (c1 - c0))
         side.settle_us.append((u2 - u1) / (c2 - c1))
         side.acquire_commands.append((o1 - o0) / (c1 - c0))
@@ -217,6 +224,14 @@ def table(sides: list[Side], floor: Floor) -> Table:
     t.add("client CPU per acquire, this process (us)", *(fmt(med(s.cpu_us), 0) for s in sides))
     t.add("acquire round trip p50, 5 ms apart (ms)", *(ms(s.paced_s, 50) for s in sides))
     t.add("acquire round trip p99, 5 ms apart (ms)", *(ms(s.paced_s, 99) for s in sides))
+    t.add(
+        "  Redis time per EVALSHA, acquire and settlement (us)",
+        *(fmt(med(s.paced_us), 1) for s in sides),
+    )
+    t.add(
+        "  commands per EVALSHA, acquire and settlement",
+        *(fmt(med(s.paced_commands), 1) for s in sides),
+    )
     times, cpu = floor.round_trip_s, floor.cpu_us
     t.notes += [
         f"floor, PING on a plain asyncio socket: round trip p50 {ms(times, 50)} ms, p99 "

@@ -22,7 +22,14 @@ from headrace.accounting.tokens import TokenCounter
 from headrace.accounting.usage import UsageWriter
 from headrace.cache.base import FlightLock, ResponseCache
 from headrace.cache.semantic import DEFAULT_THRESHOLD, SemanticIndex
-from headrace.config import CacheConfig, DeploymentConfig, LimitsConfig, ModelConfig, Settings
+from headrace.config import (
+    CacheConfig,
+    ConfigError,
+    DeploymentConfig,
+    LimitsConfig,
+    ModelConfig,
+    Settings,
+)
 from headrace.domain import Call, Deployment, EmbeddingRequest, ModelRoute, Price, Timeouts
 from headrace.gateway.admission import Admission
 from headrace.gateway.alerts import WebhookAlerts
@@ -302,7 +309,10 @@ def _redis_limiter(config: LimitsConfig) -> Limiter:
     from headrace.limits.redis import RedisLimiter
 
     assert config.redis_url is not None  # checked by LimitsConfig
-    shared = RedisLimiter(config.redis_url, settle_linger_s=config.settle_linger_s)
+    try:
+        shared = RedisLimiter(config.redis_url, settle_linger_s=config.settle_linger_s)
+    except ValueError as exc:  # a URL option the limiter's connection would not honour
+        raise ConfigError(f"limits.redis_url: {exc}") from None
     if config.on_backend_down == "refuse":
         return shared
     return FallbackLimiter(shared, MemoryLimiter())

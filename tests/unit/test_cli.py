@@ -56,6 +56,20 @@ def test_bad_config_exits_2_with_the_reason(tmp_path: Path) -> None:
     assert "sever: unknown key" in result.output
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_limiter_url_option_it_would_not_honour_exits_2_with_its_name(
+    tmp_path: Path, command: str
+) -> None:
+    config = tmp_path / "limits.yaml"
+    config.write_text(
+        "limits: {backend: redis, redis_url: 'redis://127.0.0.1:6379/0?socket_timeout=1'}\n"
+    )
+    result = runner.invoke(app, [command, "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "limits.redis_url" in result.output
+    assert "socket_timeout" in result.output
+
+
 def test_a_worker_admits_as_many_model_calls_as_it_runs_jobs() -> None:
     from headrace.cli.jobs import worker_settings
     from headrace.config import Settings

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from headrace import __version__
-from headrace.cli._common import ConfigOption, app, settings_from
+from headrace.cli._common import ConfigOption, app, runtime_from, settings_from
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
@@ -41,12 +41,11 @@ def serve(
     from headrace.api import create_app
     from headrace.api.wire import validate_job
     from headrace.observability.logging import configure_logging
-    from headrace.wiring import build_runtime
     from headrace.worker.process import attach_workers
 
     settings = settings_from(config)
     configure_logging(settings.log.level, settings.log.format)
-    runtime = build_runtime(settings, validate_job=validate_job)
+    runtime = runtime_from(settings, validate_job=validate_job)
     attach_workers(runtime, run_jobs=settings.jobs.run_in_process)
     runtime.announce_admin_key = _announce_admin_key
     application = create_app(runtime)

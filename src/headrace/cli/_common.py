@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from headrace.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from headrace.wiring import Runtime
 
 app = typer.Typer(
     name="headrace",
@@ -32,6 +35,18 @@ ConfigOption = Annotated[
 def settings_from(config: Path | None) -> Settings:
     try:
         return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+def runtime_from(settings: Settings, **options: Any) -> Runtime:
+    """The wired runtime (:func:`headrace.wiring.build_runtime`); a configuration it cannot
+    build on is reported as :func:`settings_from` reports one it cannot read."""
+    from headrace.wiring import build_runtime
+
+    try:
+        return build_runtime(settings, **options)
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None

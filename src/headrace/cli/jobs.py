@@ -17,6 +17,7 @@ from headrace.cli._common import (
     admin_call,
     admin_key_of,
     app,
+    runtime_from,
     settings_from,
 )
 from headrace.config import Settings
@@ -55,13 +56,12 @@ def worker(
     """
     from headrace.api.wire import validate_job
     from headrace.observability.logging import configure_logging
-    from headrace.wiring import build_runtime
     from headrace.worker.process import attach_workers
     from headrace.worker.runner import IDLE_POLL_S
 
     settings = worker_settings(settings_from(config), concurrency)
     configure_logging(settings.log.level, settings.log.format)
-    runtime = build_runtime(settings, validate_job=validate_job)
+    runtime = runtime_from(settings, validate_job=validate_job)
     attach_workers(runtime, run_jobs=True, idle_poll_s=IDLE_POLL_S)
 
     async def run() -> None:

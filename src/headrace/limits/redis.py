@@ -111,6 +111,13 @@ local function rate_store(key, level, limit, window)
   redis.call('SET', key, struct.pack(LEVEL, level, now), 'PX', ttl)
 end
 
+-- CONCURRENCY: the leases held now, expired ones dropped (swept only when any are held).
+local function leases_held(key)
+  local held = redis.call('ZCARD', key)
+  if held == 0 then return 0 end
+  return held - redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now))
+end
+
 -- RATE: what is left (whole units) and µs until it is whole again.
 local function rate_state(level, d)
   return math.max(0, math.floor(d.limit - level + EPS)), drain_us(level, d.limit, d.window)
@@ -138,8 +145,7 @@ local settle = {
   end,
   c = function(key, s)  -- release the settlement's lease
     redis.call('ZREM', key, s.lease)
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now))
-    return redis.call('ZCARD', key)
+    return leases_held(key)
   end,
   b = function(key, s)  -- add delta (at least 0) unless the period's counter is gone
     if redis.call('EXISTS', key) == 0 then return 0 end
@@ -172,8 +178,7 @@ local kinds = {
   },
   c = {  -- held, and the first and last lease's expiry (µs; nil: none held)
     look = function(key, d)
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now))  -- expired leases are gone
-      local held, first, last = redis.call('ZCARD', key), nil, nil
+      local held, first, last = leases_held(key), nil, nil
       if held > 0 then
         last = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
       end
