@@ -58,8 +58,11 @@ def test_bad_config_exits_2_with_the_reason(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", ["serve", "worker"])
 def test_a_limiter_url_option_it_would_not_honour_exits_2_with_its_name(
-    tmp_path: Path, command: str
+    tmp_path: Path, command: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Logging stays as the tests have it: configured here, it would write to the runner's
+    # output, closed once the command returns, for every later test.
+    monkeypatch.setattr("headrace.observability.logging.configure_logging", lambda *_: None)
     config = tmp_path / "limits.yaml"
     config.write_text(
         "limits: {backend: redis, redis_url: 'redis://127.0.0.1:6379/0?socket_timeout=1'}\n"
