@@ -154,7 +154,7 @@ class _Protocol(asyncio.Protocol):
         for future, _ in pending:
             if not future.done():
                 future.set_exception(error)
-                future.exception()  # a caller cancelled meanwhile must not log it unretrieved
+                future.exception()  # no caller may await it (a greeting after a failed one)
 
 
 class RespConnection:
