@@ -13,13 +13,14 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.sockets import free_port
 
 
 def _bindir() -> Path | None:
@@ -35,12 +36,6 @@ def _version(path: str) -> tuple[int, ...]:
     return tuple(int(p) for p in Path(path).parent.parent.name.split(".") if p.isdigit())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PrivatePostgres:
     """A PostgreSQL server of its own: ``start``, ``stop`` (fast shutdown), ``start`` again."""
 
@@ -51,7 +46,7 @@ class PrivatePostgres:
         if self._as:  # initdb refuses to run as root; the server's user must own the files
             owner = pwd.getpwnam("postgres")
             os.chown(self.dir, owner.pw_uid, owner.pw_gid)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, tool: str, *args: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,7 @@ from redis import Redis
 from redis import exceptions as redis_errors
 
 from headrace.limits.resp import RespConnection
+from tests.sockets import free_port
 
 NO_REDIS = "set HEADRACE_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379/0) to run against Redis"
 PASSWORD = "s3cret-for-tests"
@@ -46,12 +46,6 @@ def shared(redis_url: str | None) -> str:
     if not redis_url:
         pytest.skip(NO_REDIS)
     return redis_url
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -80,7 +74,7 @@ def private_redis() -> Iterator[PrivateRedis]:
         check=True,
         capture_output=True,
     )
-    found = PrivateRedis(_free_port(), _free_port(), str(directory / "redis.sock"), str(cert))
+    found = PrivateRedis(free_port(), free_port(), str(directory / "redis.sock"), str(cert))
     process = subprocess.Popen(
         [
             *f"{server} --port {found.port} --bind 127.0.0.1 --requirepass {PASSWORD}".split(),

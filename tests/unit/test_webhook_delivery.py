@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -28,6 +27,7 @@ from headrace.events.webhooks import (
     next_retry_delay,
 )
 from tests.fakes import serve
+from tests.sockets import free_port
 
 SECRET = new_secret()
 EVENT_ID = "evt_0123456789abcdef"
@@ -107,13 +107,6 @@ async def send(sender: WebhookSender, url: str, *, event_id: str = EVENT_ID) -> 
     return await sender.deliver(
         url, SECRET, event_id, "job.completed", PAYLOAD, created_at=CREATED_AT
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def test_2xx_is_delivered_signed_and_verifiable(
