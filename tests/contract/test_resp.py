@@ -159,6 +159,25 @@ def test_a_late_reply_fails_every_command_on_the_connection_then_it_reconnects(
     run(main())
 
 
+def test_a_reply_that_came_while_the_event_loop_was_held_up_is_not_late(
+    run: Run, shared: str
+) -> None:
+    # After a stall longer than the timeout, the reply waiting in the socket must be read
+    # before the overdue timer breaks the connection (both loops poll I/O first).
+    async def main() -> None:
+        connection = RespConnection(shared, timeout_s=0.2)
+        try:
+            assert await connection.call("PING") == b"PONG"  # connected
+            reply = asyncio.ensure_future(connection.call("ECHO", "in time"))
+            await asyncio.sleep(0)  # the command is written
+            time.sleep(0.4)  # the loop held up (a CPU burst): its reply arrives meanwhile
+            assert await reply == b"in time"
+        finally:
+            await connection.aclose()
+
+    run(main())
+
+
 def test_a_cancelled_callers_reply_is_dropped_and_the_next_reply_is_the_next_callers(
     run: Run,
     shared: str,
