@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 
-from headrace.config import Settings
+from headrace.config import ConfigError, Settings
 from headrace.wiring import build_runtime
 
 Echo = Callable[[str], None]
@@ -35,7 +35,12 @@ async def run_doctor(settings: Settings, echo: Echo) -> bool:
             echo(f"package {module}: MISSING - install {_PACKAGES[module]}")
         else:
             echo(f"package {module}: ok")
-    runtime = build_runtime(settings)
+    try:
+        runtime = build_runtime(settings)
+    except ConfigError as exc:  # read, but not something a gateway can be built on
+        echo(f"runtime: FAILED - {exc}")
+        echo("some checks failed")
+        return False
     try:
         await runtime.store.start()
         for name, check in runtime.readiness.items():

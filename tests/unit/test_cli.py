@@ -56,6 +56,17 @@ def test_bad_config_exits_2_with_the_reason(tmp_path: Path) -> None:
     assert "sever: unknown key" in result.output
 
 
+def test_doctor_names_a_limiter_url_option_it_would_not_honour(tmp_path: Path) -> None:
+    config = tmp_path / "limits.yaml"
+    config.write_text(
+        "limits: {backend: redis, redis_url: 'redis://127.0.0.1:6379/0?socket_timeout=1'}\n"
+    )
+    result = runner.invoke(app, ["doctor", "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    assert "runtime: FAILED - limits.redis_url" in result.output
+    assert "socket_timeout" in result.output
+
+
 @pytest.mark.parametrize("command", ["serve", "worker"])
 def test_a_limiter_url_option_it_would_not_honour_exits_2_with_its_name(
     tmp_path: Path, command: str, monkeypatch: pytest.MonkeyPatch
