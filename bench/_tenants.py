@@ -3,8 +3,9 @@
 Starts the three gateways (``baseline``, ``memory``, ``redis+postgres``), creates each user
 key and its team through the admin API, and counts, once a gateway is idle, its chat requests
 (its own ``headrace_requests_total``) against the usage records in its database. Also: the
-warnings and errors in a gateway's log, Redis's process (to read its CPU) and the run's Redis
-counters (deleted at the end), and the fresh PostgreSQL database of bench/usage_writer.py.
+warnings and errors in a gateway's log, Redis's process (to read its CPU, and to pin it to the
+gateway's core for the run), the run's Redis counters (deleted at the end), and the fresh
+PostgreSQL database of bench/usage_writer.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -246,6 +248,27 @@ def redis_pid(url: str) -> int | None:
         ):
             return pid
     return None
+
+
+@contextlib.contextmanager
+def redis_on(pid: int | None, cores: frozenset[int] | None) -> Iterator[None]:
+    """Run the local Redis (every thread of ``pid``) on ``cores`` until the block ends, then
+    give each thread back the cores it had. Nothing when either is None."""
+    if pid is None or cores is None:
+        yield
+        return
+    tasks = [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
+    before = {}
+    for task in tasks:
+        with contextlib.suppress(ProcessLookupError):
+            before[task] = os.sched_getaffinity(task)
+    _procs.pin(pid, cores)
+    try:
+        yield
+    finally:
+        for task, had in before.items():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(task, had)
 
 
 def forget_counters(url: str, owners: tuple[str, ...]) -> None:

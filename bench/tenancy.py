@@ -62,6 +62,7 @@ from _tenants import (
     fresh_postgres,
     log_events,
     metric,
+    redis_on,
     redis_pid,
     start_gateways,
     usage_writer,
@@ -419,7 +420,27 @@ def writer_tables(plan: Plan, code: Code, postgres: str, workdir: Path, goals: l
 # -- the command ----------------------------------------------------------------------------
 
 
-def header(quick: bool, layout: Arrangement, code: Code, args: argparse.Namespace) -> str:
+def redis_cores(
+    layout: Arrangement, pid: int | None, args: argparse.Namespace
+) -> tuple[frozenset[int] | None, str]:
+    """Where the local Redis runs during the run (None: where it was), and that in words.
+
+    In production Redis is another server, or shares the gateway's host; either way its work
+    never runs on the client's cores. Left to the kernel here, it ran on the load generators'
+    core about a quarter of the time (sampled in one run), where its scripts delay the
+    timestamps that the latency goals are read from. So it goes on the gateway's core, unless
+    ``--redis-cores any``."""
+    if pid is None:
+        return None, "Redis not on this machine: not pinned"
+    if args.redis_cores == "any" or layout.gateway == layout.others:
+        return None, f"redis-server (pid {pid}) left to the kernel"
+    cores = ",".join(str(c) for c in sorted(layout.gateway))
+    return layout.gateway, f"redis-server (pid {pid}) on the gateway's core {cores} for the run"
+
+
+def header(
+    quick: bool, layout: Arrangement, code: Code, args: argparse.Namespace, redis_where: str
+) -> str:
     cpu = "unknown CPU"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -442,7 +463,7 @@ def header(quick: bool, layout: Arrangement, code: Code, args: argparse.Namespac
             f"code: {code.describe()}",
             f"load generators: {saturation_tool} for saturation, python/aiohttp open loop "
             "(own process) for the fixed rate",
-            f"cores: {layout.describe()}",
+            f"cores: {layout.describe()}; {redis_where}",
             "gateways: auth, metrics and access log on (as bench/overhead.py); mock-model priced "
             f"${PRICE_PER_MTOK_USD[0]}/${PRICE_PER_MTOK_USD[1]} per million tokens in and out",
             "  baseline: admin key, no limits, usage: {enabled: false}",
@@ -457,7 +478,9 @@ def header(quick: bool, layout: Arrangement, code: Code, args: argparse.Namespac
 def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
     layout = Arrangement.named(args.pin)
     code = Code.at(args.commit, workdir)
-    print(header(args.quick, layout, code, args), end="\n\n", flush=True)
+    redis_server = redis_pid(args.redis_url)
+    cores, redis_where = redis_cores(layout, redis_server, args)
+    print(header(args.quick, layout, code, args, redis_where), end="\n\n", flush=True)
     goals: list[Goal] = []
     owners: list[str] = []
     quiet = Quiet(plan.quiet_budget_s)
@@ -473,7 +496,8 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
         for setup in setups:
             _procs.pin(setup.gateway.pid, layout.gateway)
         layout.apply(setups[0].gateway, mock)
-        results = measure(plan, setups, mock, quiet, redis_pid(args.redis_url))
+        with redis_on(redis_server, cores):
+            results = measure(plan, setups, mock, quiet, redis_server)
         _show(tenancy_table(plan, results, goals))
         _show(records_table(results, goals))
         for setup in setups:
@@ -519,6 +543,13 @@ def main() -> None:
         default="split",
         help="split (default): the gateways on core 0, mock and load generators on core 1; "
         "none: the kernel places them",
+    )
+    parser.add_argument(
+        "--redis-cores",
+        choices=["gateway", "any"],
+        default="gateway",
+        help="gateway (default): a Redis on this machine runs on the gateways' core during the "
+        "run (its affinity is given back after); any: the kernel places it",
     )
     parser.add_argument(
         "--commit",
