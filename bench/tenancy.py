@@ -427,7 +427,7 @@ def redis_cores(
 
     In production Redis is another server, or shares the gateway's host; either way its work
     never runs on the client's cores. Left to the kernel here, it ran on the load generators'
-    core about a quarter of the time (sampled in one run), where its scripts delay the
+    core about a quarter of the time (sampled in one run), where its scripts can delay the
     timestamps that the latency goals are read from. So it goes on the gateway's core, unless
     ``--redis-cores any``."""
     if pid is None:
