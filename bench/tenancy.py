@@ -425,11 +425,10 @@ def redis_cores(
 ) -> tuple[frozenset[int] | None, str]:
     """Where the local Redis runs during the run (None: where it was), and that in words.
 
-    In production Redis is another server, or shares the gateway's host; either way its work
-    never runs on the client's cores. Left to the kernel here, it ran on the load generators'
-    core about a quarter of the time (sampled in one run), where its scripts can delay the
-    timestamps that the latency goals are read from. So it goes on the gateway's core, unless
-    ``--redis-cores any``."""
+    Left to the kernel by default. ``--redis-cores gateway`` puts it on the gateways' core,
+    off the load generators' core where the kernel ran it about a quarter of the time; in
+    this session's runs that did not lower the p50 on the whole (bench/README.md, "Where a
+    local Redis runs")."""
     if pid is None:
         return None, "Redis not on this machine: not pinned"
     if args.redis_cores == "any" or layout.gateway == layout.others:
@@ -546,10 +545,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--redis-cores",
-        choices=["gateway", "any"],
-        default="gateway",
-        help="gateway (default): a Redis on this machine runs on the gateways' core during the "
-        "run (its affinity is given back after); any: the kernel places it",
+        choices=["any", "gateway"],
+        default="any",
+        help="any (default): the kernel places a Redis on this machine; gateway: it runs on the "
+        "gateways' core during the run (its affinity is given back after)",
     )
     parser.add_argument(
         "--commit",
