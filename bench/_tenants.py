@@ -3,9 +3,9 @@
 Starts the three gateways (``baseline``, ``memory``, ``redis+postgres``), creates each user
 key and its team through the admin API, and counts, once a gateway is idle, its chat requests
 (its own ``headrace_requests_total``) against the usage records in its database. Also: the
-warnings and errors in a gateway's log, Redis's process (to read its CPU, and to pin it to the
-gateway's core for the run), the run's Redis counters (deleted at the end), and the fresh
-PostgreSQL database of bench/usage_writer.py.
+warnings and errors in a gateway's log, Redis's process (to read its CPU, and to pin it for
+the run with ``--redis-cores gateway``), the run's Redis counters (deleted at the end), and
+the fresh PostgreSQL database of bench/usage_writer.py.
 """
 
 from __future__ import annotations
@@ -257,18 +257,17 @@ def redis_on(pid: int | None, cores: frozenset[int] | None) -> Iterator[None]:
     if pid is None or cores is None:
         yield
         return
-    tasks = [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
     before = {}
-    for task in tasks:
+    for entry in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(ProcessLookupError):
-            before[task] = os.sched_getaffinity(task)
+            before[int(entry.name)] = os.sched_getaffinity(int(entry.name))
     _procs.pin(pid, cores)
     try:
         yield
     finally:
-        for task, had in before.items():
+        for tid, had in before.items():
             with contextlib.suppress(ProcessLookupError):
-                os.sched_setaffinity(task, had)
+                os.sched_setaffinity(tid, had)
 
 
 def forget_counters(url: str, owners: tuple[str, ...]) -> None:

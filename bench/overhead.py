@@ -83,8 +83,8 @@ class Arrangement:
         if self.gateway == self.others:
             return "not pinned: the kernel places gateway, mock and load generators"
         return (
-            f"gateway pinned to core {_cores(self.gateway)}; mock, load generators and this "
-            f"script to core {_cores(self.others)}"
+            f"gateway pinned to core {cores_text(self.gateway)}; mock, load generators and this "
+            f"script to core {cores_text(self.others)}"
         )
 
     def apply(self, gateway: Server, mock: Server) -> None:
@@ -93,7 +93,7 @@ class Arrangement:
         os.sched_setaffinity(0, self.others)  # load generators inherit it
 
 
-def _cores(cores: frozenset[int]) -> str:
+def cores_text(cores: frozenset[int]) -> str:
     return ",".join(str(c) for c in sorted(cores))
 
 

@@ -67,7 +67,7 @@ from _tenants import (
     start_gateways,
     usage_writer,
 )
-from overhead import Arrangement
+from overhead import Arrangement, cores_text
 
 if TYPE_CHECKING:
     from usage_writer import Run
@@ -426,14 +426,14 @@ def redis_cores(
     """Where the local Redis runs during the run (None: where it was), and that in words.
 
     Left to the kernel by default. ``--redis-cores gateway`` puts it on the gateways' core,
-    off the load generators' core where the kernel ran it about a quarter of the time; in
-    this session's runs that did not lower the p50 on the whole (bench/README.md, "Where a
+    off the load generators' core where the kernel ran it about a quarter of the time; in the
+    runs of 2026-11-27 that did not lower the p50 on the whole (bench/README.md, "Where a
     local Redis runs")."""
     if pid is None:
         return None, "Redis not on this machine: not pinned"
     if args.redis_cores == "any" or layout.gateway == layout.others:
         return None, f"redis-server (pid {pid}) left to the kernel"
-    cores = ",".join(str(c) for c in sorted(layout.gateway))
+    cores = cores_text(layout.gateway)
     return layout.gateway, f"redis-server (pid {pid}) on the gateway's core {cores} for the run"
 
 
