@@ -75,199 +75,180 @@ _FAILURES = (redis_errors.RedisError, OSError)  # all become LimiterUnavailableE
 _US = 1_000_000
 _MAX_HELD = 64  # settlements held at most: more are sent at once, in one call
 
-_LUA_COMMON = """
+# One script for every call: it applies the settlements it carries, then takes the demands.
+# KEYS: each settlement's counter, then each demand's. ARGV[1]: the acquiring lease; ARGV[2]: a
+# RECORD per demand: kind ('r', 'c', 'b'), limit, amount, window (µs), seed; ARGV[3]: a RECORD
+# per settlement: kind, delta, limit, window (µs), and the index in ARGV of its lease (ARGV[4]
+# onwards). Returns {allowed (1/0), refused (1-based, 0: none), retry (µs, -1: never)},
+# remaining and reset (µs) for each demand, then each settled counter's value. Without demands
+# (a flush of settlements alone) the first three are {1, 0, 0}.
+#
+# Written for a Redis that has been idle, as between requests at a moderate rate: there every
+# Lua operation costs about as much as a command (bench/README.md, "What the limiter's script
+# costs Redis"). So it branches on the kind in two plain loops, keeps each demand's fields in
+# flat arrays rather than a table per demand and functions per kind, and names the library
+# functions it calls as locals.
+_LUA = """
+local call, unpack, pack = redis.call, struct.unpack, struct.pack
+local max, ceil, floor, format = math.max, math.ceil, math.floor, string.format
 local EPS = 1e-9  -- levels are doubles: a demand within EPS units of fitting fits
 local LEVEL = '<dd'  -- a RATE counter: its level and when it was written (µs)
 local RECORD = '<c1dddd'  -- a demand or settlement in ARGV: its kind letter, then 4 numbers
-local t = redis.call('TIME')
+local t = call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])  -- µs, exact in a double
+local lease = ARGV[1]
 
--- redis.call sends a Lua number as '%.14g' (1.7e+15 for a µs time): format integers ourselves.
-local function int(x) return string.format('%d', x) end
-local function ms(us) return int(math.max(1, math.ceil(us / 1000))) end
+-- Redis before 7 sends a Lua number as '%.14g' (1.7e+15 for a µs time): format large integers
+-- ourselves. Milliseconds are small enough to go as numbers.
+local function int(x) return format('%d', x) end
+local function ms(us) return max(1, ceil(us / 1000)) end
 
 -- RATE: µs for `level` units to drain at limit / window units per µs.
 local function drain_us(level, limit, window)
   if limit <= 0 then return 0 end
-  return math.ceil(level * window / limit)
+  return ceil(level * window / limit)
 end
 
 -- RATE: the level now, after draining since the last write; missing or limit <= 0: empty.
 local function rate_level(key, limit, window)
   if limit <= 0 then return 0 end
-  local stored = redis.call('GET', key)
+  local stored = call('GET', key)
   if not stored then return 0 end
-  local level, at = struct.unpack(LEVEL, stored)
-  return math.max(0, level - math.max(0, now - at) * limit / window)
+  local level, at = unpack(LEVEL, stored)
+  return max(0, level - max(0, now - at) * limit / window)
 end
 
 -- RATE: write `level` as of now; it lives 1 s beyond draining, an empty one not at all.
 local function rate_store(key, level, limit, window)
   if level <= 0 or limit <= 0 then
-    redis.call('DEL', key)
+    call('DEL', key)
     return
   end
-  local ttl = ms(drain_us(level, limit, window) + 1000000)
-  redis.call('SET', key, struct.pack(LEVEL, level, now), 'PX', ttl)
+  call('SET', key, pack(LEVEL, level, now), 'PX', ms(drain_us(level, limit, window) + 1000000))
 end
 
 -- CONCURRENCY: the leases held now, expired ones dropped (swept only when any are held).
 local function leases_held(key)
-  local held = redis.call('ZCARD', key)
+  local held = call('ZCARD', key)
   if held == 0 then return 0 end
-  return held - redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now))
+  return held - call('ZREMRANGEBYSCORE', key, '-inf', int(now))
 end
-
--- RATE: what is left (whole units) and µs until it is whole again.
-local function rate_state(level, d)
-  return math.max(0, math.floor(d.limit - level + EPS)), drain_us(level, d.limit, d.window)
-end
-
-"""
-
-# One script for every call: it applies the settlements it carries, then takes the demands.
-# KEYS: each settlement's counter, then each demand's. ARGV[1]: the acquiring lease; ARGV[2]: a
-# RECORD per demand: kind ('r', 'c', 'b'), limit, amount, window (µs), seed; ARGV[3]: a RECORD
-# per settlement: kind, delta, limit, window (µs), and the index in ARGV of its lease (ARGV[4]
-# onwards). Returns {allowed (1/0), refused (1-based, 0: none), retry (µs, -1:
-# never)}, remaining and reset (µs) for each demand, then each settled counter's value. Without
-# demands (a flush of settlements alone) the first three are {1, 0, 0}.
-_LUA_CALL = """
-local lease = ARGV[1]
-
--- settle[kind](key, s) -> the counter's value after the settlement.
-local settle = {
-  r = function(key, s)  -- drain, then add delta; a missing counter is an empty one
-    if s.limit <= 0 then return 0 end  -- nothing to drain by: leave the counter alone
-    local level = math.max(0, rate_level(key, s.limit, s.window) + s.delta)
-    rate_store(key, level, s.limit, s.window)
-    return math.max(0, math.ceil(level - EPS))
-  end,
-  c = function(key, s)  -- release the settlement's lease
-    redis.call('ZREM', key, s.lease)
-    return leases_held(key)
-  end,
-  b = function(key, s)  -- add delta (at least 0) unless the period's counter is gone
-    if redis.call('EXISTS', key) == 0 then return 0 end
-    local value = redis.call('INCRBY', key, int(s.delta))
-    if value < 0 then
-      redis.call('SET', key, '0', 'KEEPTTL')
-      value = 0
-    end
-    return value
-  end,
-}
-
--- look(key, d) -> fits, wait (µs until it would fit, -1: never), remaining, reset (µs).
--- take(key, d) -> remaining, reset: the counter after taking the demand.
--- look reads the counter once and keeps what it read in d, which take then builds on: a
--- counter appears once per call, and nothing else touches it in between.
-local kinds = {
-  r = {
-    look = function(key, d)
-      local level = rate_level(key, d.limit, d.window)
-      d.level = level
-      local over = level + d.amount - d.limit
-      return over <= EPS, drain_us(over, d.limit, d.window), rate_state(level, d)
-    end,
-    take = function(key, d)
-      local level = d.level + d.amount
-      rate_store(key, level, d.limit, d.window)
-      return rate_state(level, d)
-    end,
-  },
-  c = {  -- held, and the first and last lease's expiry (µs; nil: none held)
-    look = function(key, d)
-      local held, first, last = leases_held(key), nil, nil
-      if held > 0 then
-        last = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
-      end
-      if held >= d.limit and held > 0 then  -- the wait: until the first lease expires
-        first = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
-      end
-      d.held, d.last = held, last
-      return held < d.limit, first and first - now or -1, math.max(0, d.limit - held),
-        last and last - now or 0
-    end,
-    take = function(key, d)
-      local expiry = now + d.window
-      local held, last = d.held + redis.call('ZADD', key, int(expiry), lease), d.last
-      if held == d.held then  -- the lease was held already: its expiry moved
-        last = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
-      elseif not last or expiry > last then
-        last = expiry
-      end
-      redis.call('PEXPIRE', key, ms(last - now))  -- the set lives as long as its last lease
-      return math.max(0, d.limit - held), last - now
-    end,
-  },
-  b = {  -- the value, and µs to expiry (-1: none); a missing counter is its seed, fresh
-    look = function(key, d)
-      local value, ttl = redis.call('GET', key), d.window
-      if value then
-        value = tonumber(value)
-        ttl = redis.call('PTTL', key)
-        ttl = ttl >= 0 and ttl * 1000 or -1
-      end
-      d.value, d.ttl = value, ttl
-      value = value or d.seed
-      return value + d.amount <= d.limit, ttl, math.max(0, d.limit - value), math.max(0, ttl)
-    end,
-    take = function(key, d)
-      local value, ttl = d.value, d.ttl
-      if value then
-        value = redis.call('INCRBY', key, int(d.amount))
-      else
-        value = d.seed + d.amount
-        local window = ms(d.window)
-        redis.call('SET', key, int(value), 'PX', window)
-        ttl = tonumber(window) * 1000
-      end
-      return math.max(0, d.limit - value), math.max(0, ttl)
-    end,
-  },
-}
 
 -- The settlements first, in order, so that the demands see the counters they leave.
+-- RATE: drain, then add delta (a missing counter is an empty one; without a limit to drain by,
+-- leave it alone). CONCURRENCY: release the lease. BUDGET: add delta (the value stays at least
+-- 0) unless the period's counter is gone.
 local ns = #ARGV[3] / struct.size(RECORD)
 local values = {}
 local at = 1
 for i = 1, ns do
   local kind, delta, limit, window, lease_at
-  kind, delta, limit, window, lease_at, at = struct.unpack(RECORD, ARGV[3], at)
-  local s = {delta = delta, limit = limit, window = window, lease = ARGV[lease_at]}
-  values[i] = settle[kind](KEYS[i], s)
+  kind, delta, limit, window, lease_at, at = unpack(RECORD, ARGV[3], at)
+  local key, value = KEYS[i], 0
+  if kind == 'r' then
+    if limit > 0 then
+      local level = max(0, rate_level(key, limit, window) + delta)
+      rate_store(key, level, limit, window)
+      value = max(0, ceil(level - EPS))
+    end
+  elseif kind == 'c' then
+    call('ZREM', key, ARGV[lease_at])
+    value = leases_held(key)
+  elseif call('EXISTS', key) == 1 then
+    value = call('INCRBY', key, int(delta))
+    if value < 0 then
+      call('SET', key, '0', 'KEEPTTL')
+      value = 0
+    end
+  end
+  values[i] = value
 end
 
-local demands = {}
-at = 1
-for i = 1, #KEYS - ns do
-  local d = {key = KEYS[ns + i]}
-  d.kind, d.limit, d.amount, d.window, d.seed, at = struct.unpack(RECORD, ARGV[2], at)
-  demands[i] = d
-end
-
+-- Check every demand: whether it fits, and what would be left (remaining, reset) if nothing
+-- were taken; report the first that does not fit. Each counter is read once: what was read
+-- stays in `seen` (RATE: the level; CONCURRENCY: leases held; BUDGET: the value, nil when
+-- missing) and `extra` (CONCURRENCY: the last lease's expiry; BUDGET: µs to expiry, -1: none),
+-- and the takes below build on it, since nothing else touches a counter in between.
+local nd = #KEYS - ns
 local out = {1, 0, 0}
-local function reply()
-  local n = #out
-  for i, value in ipairs(values) do out[n + i] = value end
-  return out
-end
-
--- Check every demand; report the first that does not fit and take nothing.
-for i, d in ipairs(demands) do
-  local fits, wait, remaining, reset = kinds[d.kind].look(d.key, d)
-  if d.amount > d.limit then fits, wait = false, -1 end
+local kinds, limits, amounts, windows, seeds, seen, extra = {}, {}, {}, {}, {}, {}, {}
+at = 1
+for i = 1, nd do
+  local key, kind, limit, amount, window, seed = KEYS[ns + i]
+  kind, limit, amount, window, seed, at = unpack(RECORD, ARGV[2], at)
+  kinds[i], limits[i], amounts[i], windows[i], seeds[i] = kind, limit, amount, window, seed
+  local fits, wait, remaining, reset
+  if kind == 'r' then
+    local level = rate_level(key, limit, window)
+    local over = level + amount - limit
+    seen[i] = level
+    fits, wait = over <= EPS, drain_us(over, limit, window)
+    remaining, reset = max(0, floor(limit - level + EPS)), drain_us(level, limit, window)
+  elseif kind == 'c' then  -- the wait: until the first lease expires
+    local held, last = leases_held(key), nil
+    wait = -1
+    if held > 0 then
+      last = tonumber(call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
+      if held >= limit then
+        wait = tonumber(call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) - now
+      end
+    end
+    seen[i], extra[i] = held, last
+    fits, remaining, reset = held < limit, max(0, limit - held), last and last - now or 0
+  else  -- a missing budget counter is its seed, fresh
+    local value, ttl = call('GET', key), window
+    if value then
+      value = tonumber(value)
+      ttl = call('PTTL', key)
+      ttl = ttl >= 0 and ttl * 1000 or -1
+    end
+    seen[i], extra[i] = value, ttl
+    value = value or seed
+    fits, wait, remaining, reset = value + amount <= limit, ttl, max(0, limit - value), max(0, ttl)
+  end
+  if amount > limit then fits, wait = false, -1 end
   if not fits and out[1] == 1 then out[1], out[2], out[3] = 0, i, wait end
   out[2 + 2 * i], out[3 + 2 * i] = remaining, reset
 end
-if out[1] == 0 then return reply() end
 
--- Every demand fits: take them all.
-for i, d in ipairs(demands) do
-  out[2 + 2 * i], out[3 + 2 * i] = kinds[d.kind].take(d.key, d)
+-- Every demand fits: take them all, and report each counter as it is left.
+if out[1] == 1 then
+  for i = 1, nd do
+    local key, kind, limit, amount = KEYS[ns + i], kinds[i], limits[i], amounts[i]
+    local remaining, reset
+    if kind == 'r' then
+      local level = seen[i] + amount
+      rate_store(key, level, limit, windows[i])
+      remaining, reset = max(0, floor(limit - level + EPS)), drain_us(level, limit, windows[i])
+    elseif kind == 'c' then  -- the set lives as long as its last lease
+      local expiry = now + windows[i]
+      local held, last = seen[i] + call('ZADD', key, int(expiry), lease), extra[i]
+      if held == seen[i] then  -- the lease was held already: its expiry moved
+        last = tonumber(call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
+      elseif not last or expiry > last then
+        last = expiry
+      end
+      call('PEXPIRE', key, ms(last - now))
+      remaining, reset = max(0, limit - held), last - now
+    else
+      local value, ttl = seen[i], extra[i]
+      if value then
+        value = call('INCRBY', key, int(amount))
+      else
+        value = seeds[i] + amount
+        ttl = ms(windows[i])
+        call('SET', key, int(value), 'PX', ttl)
+        ttl = ttl * 1000
+      end
+      remaining, reset = max(0, limit - value), max(0, ttl)
+    end
+    out[2 + 2 * i], out[3 + 2 * i] = remaining, reset
+  end
 end
-return reply()
+
+local n = #out
+for i = 1, ns do out[n + i] = values[i] end
+return out
 """
 
 
@@ -325,7 +306,7 @@ class RedisLimiter:
         self._redis = RespConnection(url, timeout_s=timeout_s)
         self._where = self._redis.where
         self._prefix = prefix
-        self._script = _Script(_LUA_COMMON + _LUA_CALL)
+        self._script = _Script(_LUA)
         self._linger_s = settle_linger_s
         self._held: list[_Held] = []
         self._timer: asyncio.TimerHandle | None = None

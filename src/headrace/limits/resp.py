@@ -2,12 +2,13 @@
 
 The limiter sends one command per request on its critical path (and one per settlement), so
 what a command costs the gateway above the socket's own write and read is the gateway's cost
-of a shared limit. This connection is that cost and little more: a command is encoded here,
-written to the transport, and answered from :mod:`hiredis`'s reader in ``data_received``, in
-the order sent. Every caller shares the one connection (Redis runs commands one at a time
-anyway), so there is no pool, no checkout and no lock on the way; replies of callers that
-arrive together are read together. docs/adr/0012-limiter-redis-connection.md says why this is
-not redis-py's client, whose URL parsing and exceptions it keeps.
+of a shared limit. This connection is that cost and little more: a command is encoded by
+:mod:`hiredis` (``pack_command``), written to the transport, and answered from its reader in
+``data_received``, in the order sent. Every caller shares the one connection (Redis runs
+commands one at a time anyway), so there is no pool, no checkout and no lock on the way;
+replies of callers that arrive together are read together.
+docs/adr/0012-limiter-redis-connection.md says why this is not redis-py's client, whose URL
+parsing and exceptions it keeps.
 
 Timeouts: a reply not in within ``timeout_s`` breaks the connection (every command still on it
 fails with :class:`redis.exceptions.TimeoutError`, and the next call connects again): a Redis
@@ -30,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -52,13 +52,11 @@ class ConnectionLostError(redis_errors.ConnectionError):
     """The connection went away with the command on it; the command may or may not have run."""
 
 
-def encode(args: Sequence[str | int | bytes]) -> bytes:
+def _pack(args: tuple[str | int | bytes, ...]) -> bytes:
     """One command in RESP (an array of bulk strings)."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+    # hiredis's stub types the argument as a tuple of one item; it takes any number.
+    packed: bytes = hiredis.pack_command(cast(Any, args))
+    return packed
 
 
 def _error(reply: hiredis.ReplyError) -> redis_errors.ResponseError:
@@ -180,7 +178,7 @@ class RespConnection:
 
     async def call(self, *args: str | int | bytes) -> Any:
         """Send one command and return its reply; raise redis-py's exceptions."""
-        command = encode(args)
+        command = _pack(args)
         protocol = self._protocol
         if protocol is None or protocol.closed:
             protocol = await self._open()
@@ -243,7 +241,7 @@ class RespConnection:
             commands.append(["SELECT", options["db"]])
         if options.get("client_name"):
             commands.append(["CLIENT", "SETNAME", options["client_name"]])
-        replies = [protocol.send(encode(command)) for command in commands]
+        replies = [protocol.send(_pack(tuple(command))) for command in commands]
         for reply in replies:
             await reply
 
