@@ -178,6 +178,12 @@ async def test_a_refusal_takes_nothing_from_the_demands_that_fit(backend: Backen
     assert not refused.allowed
     assert refused.refused == 3
     assert [s.remaining for s in refused.states] == [5, 1, 900, 0]
+    # Each counter as it stands: an empty rpm and no lease are whole now, a new period's
+    # budget counter would live its whole window, the team's rpm drains in a minute.
+    resets = [s.reset_s for s in refused.states]
+    assert resets[:2] == [0.0, 0.0]
+    assert resets[2] == 3600.0
+    assert 60.0 - backend.slack_s <= resets[3] <= 60.0
     # Nothing was taken: the key's rpm, its one parallel slot and the budget are all intact.
     after = await take(limiter, rpm(5), parallel(1), budget(1000, 900, seed=100))
     assert after.allowed
