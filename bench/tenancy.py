@@ -30,6 +30,7 @@ import datetime
 import os
 import platform
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -480,9 +481,47 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
     redis_server = redis_pid(args.redis_url)
     cores, redis_where = redis_cores(layout, redis_server, args)
     print(header(args.quick, layout, code, args, redis_where), end="\n\n", flush=True)
+    quiets: list[Quiet] = []
+    runs: list[list[Goal]] = []
+    for index in range(args.runs):
+        if args.runs > 1:
+            print(f"Run {index + 1} of {args.runs}", end="\n\n", flush=True)
+        quiets.append(Quiet(plan.quiet_budget_s))
+        rundir = workdir / f"run-{index + 1}"  # its own databases and logs
+        rundir.mkdir()
+        runs.append(one_run(plan, args, rundir, layout, code, quiets[-1], (redis_server, cores)))
+    goals = runs[0] if len(runs) == 1 else over_runs(runs)
+    if len(runs) > 1:
+        _show(runs_table(runs))
+    os.sched_setaffinity(0, _procs.ALL_CORES)  # as bench/usage_writer.py runs
+    _progress("usage writer throughput into PostgreSQL (bench/usage_writer.py)")
+    with fresh_postgres(args.database_url, code) as postgres:
+        _show(writer_tables(plan, code, postgres, workdir, goals))
+    table = goals_table(goals)
+    waited, repeated = sum(q.waited_s for q in quiets), sum(q.repeated for q in quiets)
+    table.notes.append(
+        f"other processes: {waited:.0f} s spent waiting for quiet, {repeated} blocks measured "
+        f"again (budget {plan.quiet_budget_s:g} s per run)"
+    )
+    if len(runs) > 1:
+        table.notes.append(f"time figures: the median of {len(runs)} runs; records: the worst run")
+    print(table.render())
+
+
+def one_run(
+    plan: Plan,
+    args: argparse.Namespace,
+    workdir: Path,
+    layout: Arrangement,
+    code: Code,
+    quiet: Quiet,
+    redis: tuple[int | None, frozenset[int] | None],
+) -> list[Goal]:
+    """Servers started afresh in ``workdir`` (new databases, new gateways), measured; the
+    run's goals."""
+    redis_server, cores = redis
     goals: list[Goal] = []
     owners: list[str] = []
-    quiet = Quiet(plan.quiet_budget_s)
     with contextlib.ExitStack() as stack:
         postgres = stack.enter_context(fresh_postgres(args.database_url, code))
         stack.callback(lambda: forget_counters(args.redis_url, tuple(owners)))
@@ -499,18 +538,44 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
             results = measure(plan, setups, mock, quiet, redis_server)
         _show(tenancy_table(plan, results, goals))
         _show(records_table(results, goals))
-        for setup in setups:
-            setup.gateway.stop()
-        mock.stop()
-        os.sched_setaffinity(0, _procs.ALL_CORES)  # as bench/usage_writer.py runs
-        _progress("usage writer throughput into PostgreSQL (bench/usage_writer.py)")
-        _show(writer_tables(plan, code, postgres, workdir, goals))
-    table = goals_table(goals)
-    table.notes.append(
-        f"other processes: {quiet.waited_s:.0f} s spent waiting for quiet, {quiet.repeated} "
-        f"blocks measured again (budget {plan.quiet_budget_s:g} s)"
+    return goals
+
+
+def over_runs(runs: list[list[Goal]]) -> list[Goal]:
+    """One goal per goal of a run: the median of the runs' time figures, the worst of the
+    others (records unmatched)."""
+    out = []
+    for i, first in enumerate(runs[0]):
+        values = [run[i].value for run in runs]
+        value = statistics.median(values) if first.unit == "ms" else max(values)
+        out.append(dataclasses.replace(first, value=value))
+    return out
+
+
+def runs_table(runs: list[list[Goal]]) -> Table:
+    """Each time goal, run by run: the median, the range and how many runs were over."""
+    table = Table(
+        f"Goals over {len(runs)} runs (time figures)",
+        ["goal", "median", "range", "runs over", "each run"],
     )
-    print(table.render())
+    for i, first in enumerate(runs[0]):
+        if first.unit != "ms":
+            continue
+        goals = [run[i] for run in runs]
+        values = [g.value for g in goals]
+        table.add(
+            first.name,
+            fmt(statistics.median(values), first.digits, sign=True),
+            f"{fmt(min(values), first.digits, sign=True)} to "
+            f"{fmt(max(values), first.digits, sign=True)}",
+            f"{sum(not g.passed for g in goals)} of {len(goals)}",
+            ", ".join(fmt(v, first.digits, sign=True) for v in values),
+        )
+    table.notes.append(
+        f"target <= {GOAL_DELTA_MS:g} ms each; a run: the servers started afresh and measured "
+        "as without --runs"
+    )
+    return table
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -556,6 +621,13 @@ def main() -> None:
         "instead of the working tree",
     )
     parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="measure this many times, each with servers started afresh, and judge the time "
+        "goals on the median (default 1); the usage writer runs once, at the end",
+    )
+    parser.add_argument(
         "--quiet-budget-s",
         type=float,
         help="at most this long spent waiting out other processes' CPU bursts (default: 60, "
@@ -571,7 +643,9 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGALRM, _out_of_time)
-    signal.alarm(plan.time_limit_s)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    signal.alarm(plan.time_limit_s * args.runs)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="headrace-bench-") as tmp:
         try:
