@@ -86,12 +86,12 @@ _MAX_HELD = 64  # settlements held at most: more are sent at once, in one call
 #
 # Written for a Redis that has been idle, as between requests at a moderate rate: there every
 # Lua operation costs about as much as a command (bench/README.md, "What the limiter's script
-# costs Redis"). So it branches on the kind in two plain loops, keeps each demand's fields in
-# flat arrays rather than a table per demand and functions per kind, and names the library
-# functions it calls as locals.
+# costs an idle Redis"). So it branches on the kind in two plain loops, keeps each demand's
+# fields in flat arrays rather than a table per demand and functions per kind, names the
+# library functions it calls as locals, and formats no number itself.
 _LUA = """
 local call, unpack, pack = redis.call, struct.unpack, struct.pack
-local max, ceil, floor, format = math.max, math.ceil, math.floor, string.format
+local max, ceil, floor = math.max, math.ceil, math.floor
 local EPS = 1e-9  -- levels are doubles: a demand within EPS units of fitting fits
 local LEVEL = '<dd'  -- a RATE counter: its level and when it was written (µs)
 local RECORD = '<c1dddd'  -- a demand or settlement in ARGV: its kind letter, then 4 numbers
@@ -99,9 +99,8 @@ local t = call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])  -- µs, exact in a double
 local lease = ARGV[1]
 
--- Redis before 7 sends a Lua number as '%.14g' (1.7e+15 for a µs time): format large integers
--- ourselves. Milliseconds are small enough to go as numbers.
-local function int(x) return format('%d', x) end
+-- redis.call sends a Lua number as '%.17g' (Lua's own tostring would give '%.14g'), so µs times
+-- and amounts go as numbers, exactly: they are whole and below 2^53.
 local function ms(us) return max(1, ceil(us / 1000)) end
 
 -- RATE: µs for `level` units to drain at limit / window units per µs.
@@ -132,7 +131,7 @@ end
 local function leases_held(key)
   local held = call('ZCARD', key)
   if held == 0 then return 0 end
-  return held - call('ZREMRANGEBYSCORE', key, '-inf', int(now))
+  return held - call('ZREMRANGEBYSCORE', key, '-inf', now)
 end
 
 -- The settlements first, in order, so that the demands see the counters they leave.
@@ -156,7 +155,7 @@ for i = 1, ns do
     call('ZREM', key, ARGV[lease_at])
     value = leases_held(key)
   elseif call('EXISTS', key) == 1 then
-    value = call('INCRBY', key, int(delta))
+    value = call('INCRBY', key, delta)
     if value < 0 then
       call('SET', key, '0', 'KEEPTTL')
       value = 0
@@ -234,7 +233,7 @@ else  -- take every demand, and report each counter as it is left
       rate_store(key, value, limits[i], windows[i])
     elseif kind == 'c' then  -- the set lives as long as its last lease
       local expiry = now + windows[i]
-      value = seen[i] + call('ZADD', key, int(expiry), lease)
+      value = seen[i] + call('ZADD', key, expiry, lease)
       if value == seen[i] then  -- the lease was held already: its expiry moved
         x = tonumber(call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
       elseif not x or expiry > x then
@@ -242,10 +241,10 @@ else  -- take every demand, and report each counter as it is left
       end
       call('PEXPIRE', key, ms(x - now))
     elseif x then
-      value = call('INCRBY', key, int(amounts[i]))
+      value = call('INCRBY', key, amounts[i])
     else  -- a new period's counter, at its seed
       x = ms(windows[i])
-      call('SET', key, int(value), 'PX', x)
+      call('SET', key, value, 'PX', x)
       x = x * 1000
     end
     out[2 + 2 * i], out[3 + 2 * i] = state(i, value, x)
