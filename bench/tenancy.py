@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/tenancy.py            # full run, 5-8 minutes
     .venv/bin/python bench/tenancy.py --quick    # about a minute
+    .venv/bin/python bench/tenancy.py --runs 10  # ten runs, time goals judged on the medians
 
 One ``headrace mock-upstream`` (0 ms) and three gateways in front of it, all running at once
 and measured in turns, block by block, with the mock alone as ``direct``:
