@@ -108,6 +108,7 @@ class Side:
     paced_us: list[float] = field(default_factory=list)  # Redis time per EVALSHA, paced
     paced_commands: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)  # this process, per awaited acquire
+    paced_cpu_us: list[float] = field(default_factory=list)  # per acquire and settlement, paced
 
 
 def commandstats(client: redis.Redis) -> tuple[int, int, int]:
@@ -142,12 +143,14 @@ async def measure(
         for lease in leases:
             await limiter.settle(ss, lease)
         c2, u2, o2 = commandstats(client)
+        cpu0 = time.process_time()
         for lease in leases[:paced]:
             await asyncio.sleep(PACE_S)
             started = time.perf_counter()
             await limiter.acquire(ds, "paced-" + lease)
             side.paced_s.append(time.perf_counter() - started)
             await limiter.settle(ss, "paced-" + lease)
+        side.paced_cpu_us.append((time.process_time() - cpu0) / paced * 1e6)
         c3, u3, o3 = commandstats(client)
         side.paced_us.append((u3 - u2) / (c3 - c2))
         side.paced_commands.append((o3 - o2) / (c3 - c2))
@@ -164,11 +167,12 @@ class Floor:
     round_trip_s: list[float]
     cpu_us: float
     paced_s: list[float]
+    paced_cpu_us: float
 
 
 async def ping_floor(url: str, calls: int, paced: int) -> Floor:
     """Round trips of ``PING`` on a plain asyncio socket, this process's CPU per one (µs), and
-    round trips of ``paced`` more, 5 ms apart."""
+    round trips of ``paced`` more, 5 ms apart, with the CPU per one (its wake-up included)."""
     settings = redis.connection.parse_url(url)
     reader, writer = await asyncio.open_connection(
         settings.get("host", "127.0.0.1"), settings.get("port", 6379)
@@ -187,13 +191,15 @@ async def ping_floor(url: str, calls: int, paced: int) -> Floor:
             times.append(time.perf_counter() - started)
         cpu = (time.process_time() - cpu0) / calls * 1e6
         spaced = []
+        cpu0 = time.process_time()
         for _ in range(paced):
             await asyncio.sleep(PACE_S)
             started = time.perf_counter()
             writer.write(ping)
             await reader.readline()
             spaced.append(time.perf_counter() - started)
-        return Floor(times, cpu, spaced)
+        paced_cpu = (time.process_time() - cpu0) / paced * 1e6
+        return Floor(times, cpu, spaced, paced_cpu)
     finally:
         writer.close()
         await writer.wait_closed()
@@ -225,6 +231,10 @@ def table(sides: list[Side], floor: Floor) -> Table:
     t.add("acquire round trip p50, 5 ms apart (ms)", *(ms(s.paced_s, 50) for s in sides))
     t.add("acquire round trip p99, 5 ms apart (ms)", *(ms(s.paced_s, 99) for s in sides))
     t.add(
+        "  client CPU per acquire and settlement, this process (us)",
+        *(fmt(med(s.paced_cpu_us), 0) for s in sides),
+    )
+    t.add(
         "  Redis time per EVALSHA, acquire and settlement (us)",
         *(fmt(med(s.paced_us), 1) for s in sides),
     )
@@ -236,7 +246,10 @@ def table(sides: list[Side], floor: Floor) -> Table:
     t.notes += [
         f"floor, PING on a plain asyncio socket: round trip p50 {ms(times, 50)} ms, p99 "
         f"{ms(times, 99)} ms, client CPU {fmt(cpu, 0)} us per call; 5 ms apart: p50 "
-        f"{ms(floor.paced_s, 50)} ms, p99 {ms(floor.paced_s, 99)} ms",
+        f"{ms(floor.paced_s, 50)} ms, p99 {ms(floor.paced_s, 99)} ms, client CPU "
+        f"{fmt(floor.paced_cpu_us, 0)} us per call",
+        "5 ms apart, the CPU includes waking from the sleep between calls; after 5 ms idle the "
+        "code runs cold, several times slower than back to back (bench/tenancy.py's 200/s)",
         "Redis time = INFO commandstats usec / calls for EVALSHA (the script's own commands "
         "included); medians over the rounds",
     ]
