@@ -9,8 +9,6 @@ requests, overhead = wall time minus upstream time) and one structured access-lo
 
 from __future__ import annotations
 
-import itertools
-import secrets
 import time
 from typing import Any
 
@@ -19,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from headrace.domain import Call
 from headrace.errors import ClientClosedError, PayloadTooLargeError
+from headrace.ids import unique_id
 from headrace.observability.access_log import AccessLog
 from headrace.observability.metrics import Metrics
 
@@ -64,10 +63,6 @@ class RequestMiddleware:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.access_log = AccessLog() if access_log else None
-        # Request ids: a random per-process prefix and a counter (unique across processes
-        # without a uuid4's getrandom call per request).
-        self._id_prefix = secrets.token_hex(10)
-        self._ids = itertools.count()
         self._by_route: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -82,7 +77,7 @@ class RequestMiddleware:
                 request_id = value.decode("latin-1")[:200]
             elif name == _CONTENT_LENGTH and value.isdigit():
                 content_length = int(value)
-        request_id = request_id or f"{self._id_prefix}{next(self._ids):012x}"
+        request_id = request_id or unique_id()
         call = Call(request_id=request_id, started_ns=started)
         scope.setdefault("state", {})["call"] = call
         status = 500

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Protocol, TypeVar
@@ -37,6 +36,7 @@ from headrace.gateway.admission import Admission
 from headrace.gateway.caching import HIT, ResponseCacher
 from headrace.gateway.quota import Estimate, QuotaGuard, Reservation
 from headrace.gateway.selection import ModelSelector
+from headrace.ids import unique_id
 from headrace.observability.metrics import Metrics
 from headrace.routing.catalog import Catalog
 from headrace.routing.router import Router
@@ -249,7 +249,7 @@ class GatewayService:
         principal = call.principal
         self._usage.record(
             UsageRecord(
-                id=uuid.uuid4().hex,
+                id=unique_id(),
                 request_id=call.request_id,
                 created_at=time.time(),
                 operation=operation,
