@@ -3,7 +3,8 @@
 A ``uuid4()`` per id asks the kernel for 16 random bytes and builds a ``UUID`` object. That is
 cheap back to back, but at a steady rate each request runs on cold caches: 5 ms apart, one
 ``uuid4().hex`` cost 34 µs of CPU at the median (103 on average), against 5 (33) for the
-prefix and counter below (bench/README.md, "Ids without a system call").
+prefix and counter below (bench/README.md, "Ids without a system call, and what a cold
+request costs").
 
 So an id is a random prefix drawn once per process (80 bits from :mod:`secrets`) followed by
 a counter. Two processes draw the same prefix with a chance of 2^-80; a child forked from a
