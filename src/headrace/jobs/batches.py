@@ -28,9 +28,8 @@ finds its jobs promotes it to ``in_progress``; one that finds none after
 Scope: as jobs, a key sees its team's files and batches (its own without a team); anyone
 else's are "not found".
 
-One module past 400 lines: the service, and the two file formats only it reads and writes
-(input lines, output and error lines) as small functions at the end; those would move to a
-module of their own if anything else needed them.
+The lines of the files themselves (reading the input, writing the output and error lines)
+are pure functions in :mod:`headrace.jobs.batch_lines`.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -48,6 +46,15 @@ import orjson
 
 from headrace.domain import Job, JobKind, JobStatus, Principal, Priority
 from headrace.errors import ConflictError, HeadraceError, InvalidRequestError, NotFoundError
+from headrace.jobs.batch_lines import (
+    batch_error,
+    batch_usage,
+    error_line,
+    expired,
+    line_number,
+    output_line,
+    read_lines,
+)
 from headrace.jobs.service import JobOptions, JobService
 from headrace.queue.batch_base import (
     Batch,
@@ -61,8 +68,6 @@ from headrace.queue.batch_base import (
 __all__ = [
     "COMPLETION_WINDOWS",
     "ENDPOINTS",
-    "MAX_CUSTOM_ID_CHARS",
-    "MAX_REQUESTS",
     "STALE_VALIDATING_S",
     "BatchInputError",
     "BatchService",
@@ -73,8 +78,6 @@ ENDPOINTS: Mapping[str, JobKind] = {
     "/v1/embeddings": JobKind.EMBEDDINGS,
 }
 COMPLETION_WINDOWS: Mapping[str, float] = {"24h": 86_400.0}  # OpenAI offers only 24h
-MAX_REQUESTS = 50_000  # lines per input file, as OpenAI
-MAX_CUSTOM_ID_CHARS = 512  # a job metadata value
 MAX_REPORTED_ERRORS = 100  # bad lines listed in a 400 (all are counted)
 STALE_VALIDATING_S = 600.0  # a batch validating this long without jobs was interrupted
 LIST_PAGE = 1000  # jobs read per query when finalizing or cancelling
@@ -107,13 +110,6 @@ class BatchInputError(InvalidRequestError):
         body = super().to_openai()
         body["error"]["errors"] = {"object": "list", "data": self.errors}
         return body
-
-
-@dataclass(frozen=True, slots=True)
-class _Line:
-    number: int  # 1-based, as an editor shows it
-    custom_id: str
-    body: Mapping[str, Any]
 
 
 class BatchService:
@@ -232,7 +228,7 @@ class BatchService:
         now = self._clock()
         batch_id = f"batch_{uuid.uuid4().hex}"
         expires_at = now + window_s
-        lines, errors = _read_lines(content, endpoint)
+        lines, errors = read_lines(content, endpoint)
         jobs: list[Job] = []
         for line in lines:
             options = JobOptions(
@@ -248,7 +244,7 @@ class BatchService:
                 param = exc.param or ""
                 param = param if param.startswith("body") else f"body.{param}".rstrip(".")
                 code = exc.code or "invalid_value"
-                errors.append(_error(code, exc.message, line.number, param))
+                errors.append(batch_error(code, exc.message, line.number, param))
         if errors:
             raise BatchInputError(source.id, sorted(errors, key=lambda e: e.get("line") or 0))
         batch = Batch(
@@ -272,7 +268,9 @@ class BatchService:
                 batch,
                 status=BatchStatus.FAILED,
                 failed_at=self._clock(),
-                errors=[_error("submission_failed", "The batch's requests could not be queued.")],
+                errors=[
+                    batch_error("submission_failed", "The batch's requests could not be queued.")
+                ],
             )
             # Best effort: the client must see the original error, and a batch left
             # validating without jobs is failed by a later refresh anyway.
@@ -367,7 +365,7 @@ class BatchService:
                 status=BatchStatus.FAILED,
                 failed_at=now,
                 errors=[
-                    _error(
+                    batch_error(
                         "submission_interrupted",
                         "The gateway stopped before queueing this batch's requests; "
                         "create the batch again.",
@@ -380,24 +378,24 @@ class BatchService:
     # -- the end ------------------------------------------------------------------------------
 
     async def _finish(self, batch: Batch, now: float) -> Batch:
-        jobs = sorted(await self._batch_jobs(batch), key=_line_of)
+        jobs = sorted(await self._batch_jobs(batch), key=line_number)
         cancelling = batch.status is BatchStatus.CANCELLING
         succeeded = [job for job in jobs if job.status is JobStatus.SUCCEEDED]
         others = [job for job in jobs if job.status is not JobStatus.SUCCEEDED]
         if cancelling:
             status = BatchStatus.CANCELLED
-        elif any(_expired(job) for job in others):
+        elif any(expired(job) for job in others):
             status = BatchStatus.EXPIRED
         else:
             status = BatchStatus.COMPLETED
         files: list[NewFile] = []
         output_id = error_id = None
         if succeeded:
-            output = self._output_file(batch, "output", (_output_line(job) for job in succeeded))
+            output = self._output_file(batch, "output", (output_line(job) for job in succeeded))
             output_id = output.file.id
             files.append(output)
         if others:
-            errors = (_error_line(job, cancelling=cancelling) for job in others)
+            errors = (error_line(job, cancelling=cancelling) for job in others)
             error = self._output_file(batch, "error", errors)
             error_id = error.file.id
             files.append(error)
@@ -415,7 +413,7 @@ class BatchService:
             completed_at=now if status is BatchStatus.COMPLETED else None,
             expired_at=now if status is BatchStatus.EXPIRED else None,
             cancelled_at=now if status is BatchStatus.CANCELLED else None,
-            usage=_usage(job.result for job in succeeded if job.result is not None),
+            usage=batch_usage(job.result for job in succeeded if job.result is not None),
         )
         return await self._save(ended, batch, files)
 
@@ -477,194 +475,7 @@ class BatchService:
         return batch
 
 
-# -- the input file ---------------------------------------------------------------------------
-
-
-def _read_lines(content: bytes, endpoint: str) -> tuple[list[_Line], list[dict[str, Any]]]:
-    """The file's requests and the errors of its bad lines (OpenAI's batch error codes).
-
-    Blank lines are skipped; line numbers count every line. Each line must be a JSON object
-    ``{"custom_id": str, "method": "POST", "url": <the batch's endpoint>, "body": {...}}``
-    with a ``custom_id`` unique in the file.
-    """
-    try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = content[: exc.start].count(b"\n") + 1
-        return [], [_error("invalid_file_encoding", "The file is not UTF-8.", line)]
-    lines: list[_Line] = []
-    errors: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        if len(lines) + len(errors) >= MAX_REQUESTS:
-            errors.append(
-                _error(
-                    "too_many_requests",
-                    f"A batch holds at most {MAX_REQUESTS} requests; split the file.",
-                    number,
-                )
-            )
-            break
-        try:
-            request = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            errors.append(_error("invalid_json_line", "This line is not valid JSON.", number))
-            continue
-        problem = _line_problem(request, endpoint, seen)
-        if problem is not None:
-            errors.append({**problem, "line": number})
-            continue
-        seen[request["custom_id"]] = number
-        lines.append(_Line(number, request["custom_id"], request["body"]))
-    if not lines and not errors:
-        errors.append(_error("empty_file", "The file has no requests."))
-    return lines, errors
-
-
-def _line_problem(request: Any, endpoint: str, seen: Mapping[str, int]) -> dict[str, Any] | None:
-    """What is wrong with one parsed line, as an OpenAI batch error (without its line)."""
-    if not isinstance(request, dict):
-        return _error("invalid_json_line", "Each line must be a JSON object.")
-    return _custom_id_problem(request.get("custom_id"), seen) or _call_problem(request, endpoint)
-
-
-def _custom_id_problem(custom_id: object, seen: Mapping[str, int]) -> dict[str, Any] | None:
-    if not isinstance(custom_id, str) or not custom_id:
-        return _error(
-            "missing_required_parameter", "custom_id must be a non-empty string.", param="custom_id"
-        )
-    if len(custom_id) > MAX_CUSTOM_ID_CHARS:
-        return _error(
-            "invalid_value",
-            f"custom_id is longer than {MAX_CUSTOM_ID_CHARS} characters.",
-            param="custom_id",
-        )
-    if custom_id in seen:
-        return _error(
-            "duplicate_custom_id",
-            f"custom_id {custom_id!r} is already used on line {seen[custom_id]}; "
-            "each request needs its own.",
-            param="custom_id",
-        )
-    return None
-
-
-def _call_problem(request: Mapping[str, Any], endpoint: str) -> dict[str, Any] | None:
-    if request.get("method") != "POST":
-        return _error("invalid_method", "method must be POST.", param="method")
-    if request.get("url") != endpoint:
-        return _error(
-            "mismatched_endpoint",
-            f"url is {request.get('url')!r}, but this batch's endpoint is {endpoint!r}; every "
-            "line must call the batch's endpoint.",
-            param="url",
-        )
-    if not isinstance(request.get("body"), dict):
-        return _error("missing_required_parameter", "body must be a JSON object.", param="body")
-    return None
-
-
-def _error(
-    code: str, message: str, line: int | None = None, param: str | None = None
-) -> dict[str, Any]:
-    return {"code": code, "message": message, "param": param, "line": line}
-
-
-# -- the output files (OpenAI's batch output format) ------------------------------------------
-
-
-def _line_of(job: Job) -> int:
-    return int(job.metadata.get("batch_line", "0"))
-
-
-def _request_ids(job: Job) -> tuple[str, str]:
-    """The line's ``id`` (``batch_req_<hex>``, from the job's) and the request id the runner
-    gave the job's last attempt (as in the gateway's logs)."""
-    return f"batch_req_{job.id.removeprefix('job_')}", f"{job.id}-{job.attempts}"
-
-
-def _output_line(job: Job) -> dict[str, Any]:
-    line_id, request_id = _request_ids(job)
-    return {
-        "id": line_id,
-        "custom_id": job.metadata.get("custom_id"),
-        "response": {
-            "status_code": 200,
-            "request_id": request_id,
-            "body": dict(job.result or {}),
-        },
-        "error": None,
-    }
-
-
-def _expired(job: Job) -> bool:
-    return job.status is JobStatus.FAILED and (job.error or {}).get("code") == "expired"
-
-
-def _error_line(job: Job, *, cancelling: bool) -> dict[str, Any]:
-    """A request that answered with an error carries that answer (``response``, its status
-    code and OpenAI error body); one that never ran carries ``error`` instead."""
-    line_id, request_id = _request_ids(job)
-    line: dict[str, Any] = {"id": line_id, "custom_id": job.metadata.get("custom_id")}
-    failure = dict(job.error or {})
-    if job.status is JobStatus.CANCELLED:
-        if cancelling:
-            error = _line_error("batch_cancelled", "The batch was cancelled before this ran.")
-        else:
-            error = _line_error("request_cancelled", f"Job {job.id} was cancelled.")
-        return {**line, "response": None, "error": error}
-    if _expired(job):
-        error = _line_error(
-            "batch_expired",
-            "This request had not started when the batch's completion window ended.",
-        )
-        return {**line, "response": None, "error": error}
-    if isinstance(failure.get("status"), int):
-        error_body = {name: failure.get(name) for name in ("message", "type", "param", "code")}
-        response = {
-            "status_code": failure["status"],
-            "request_id": request_id,
-            "body": {"error": error_body},
-        }
-        return {**line, "response": response, "error": None}
-    error = _line_error(
-        str(failure.get("code") or "request_failed"),
-        str(failure.get("message") or f"Job {job.id} ended {job.status.value}."),
-    )
-    return {**line, "response": None, "error": error}
-
-
-def _line_error(code: str, message: str) -> dict[str, str]:
-    return {"code": code, "message": message}
-
-
-def _usage(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """OpenAI's batch ``usage``: the tokens of the requests that succeeded."""
-    prompt = completion = cached = reasoning = 0
-    for result in results:
-        usage = _mapping(result.get("usage"))
-        prompt += _count(usage, "prompt_tokens")
-        completion += _count(usage, "completion_tokens")
-        cached += _count(_mapping(usage.get("prompt_tokens_details")), "cached_tokens")
-        reasoning += _count(_mapping(usage.get("completion_tokens_details")), "reasoning_tokens")
-    return {
-        "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": cached},
-        "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": reasoning},
-        "total_tokens": prompt + completion,
-    }
-
-
-def _mapping(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _count(usage: Mapping[str, Any], name: str) -> int:
-    value = usage.get(name)
-    return value if isinstance(value, int) else 0
+# -- scope and names ------------------------------------------------------------------------
 
 
 def _owns(principal: Principal, team_id: str | None, key_id: str) -> bool:
