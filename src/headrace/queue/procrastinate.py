@@ -28,8 +28,9 @@ they stay single statements with the entries' part as one more ``WITH`` clause: 
 (:data:`_CLAIM`) and the completion of a batch (:data:`_COMPLETE`, which deletes the entries
 as ``procrastinate_finish_job_v1(..., delete_job => true)`` does, set-based). The parent's
 seams this relies on, private to the two classes: ``_write`` (every transaction), ``_expire``
-and ``_take`` (the claim's two steps), ``_completion`` (the completion statement) and the SQL
-clauses ``CLAIM_EVENTS`` and ``COMPLETE_CLAUSES``; the contract suite runs on both backends.
+and ``_take`` (the claim's two steps) and ``_completion`` (the completion statement); the SQL
+clauses it extends are :mod:`headrace.queue.sql_statements`' ``CLAIM_EVENTS`` and
+``COMPLETE_CLAUSES``. The contract suite runs on both backends.
 
 An entry is task ``headrace.run_job`` in queue ``headrace`` with args ``{"job_id": ...}``, and
 both its ``lock`` and its ``queueing_lock`` are the job id: Procrastinate's own unique partial
@@ -91,7 +92,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from headrace.domain import Job, JobStatus, Priority
 from headrace.queue.base import Completion, Failure, Idempotency, Lease
-from headrace.queue.sql import CLAIM_EVENTS, COMPLETE_CLAUSES, Clock, SqlJobQueue
+from headrace.queue.sql import Clock, SqlJobQueue
+from headrace.queue.sql_statements import CLAIM_EVENTS, COMPLETE_CLAUSES
 from headrace.store.engine import async_url, create_engine, is_sqlite
 from headrace.store.migrate import SchemaOutOfDateError
 from headrace.store.schema import jobs

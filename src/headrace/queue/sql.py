@@ -15,13 +15,13 @@ final and the job has a ``webhook_url``, inserts a ``webhook_outbox`` row.
   same row. The two operations a busy worker repeats are each one statement, run in
   autocommit (the statement is the transaction: no ``BEGIN`` and ``COMMIT`` round trips),
   whose data-modifying ``WITH`` clauses write the events (and outbox rows) too: the claim
-  (:data:`_CLAIM`: ``UPDATE jobs ... WHERE id = ANY(ARRAY(SELECT id ... ORDER BY ... LIMIT n
-  FOR UPDATE SKIP LOCKED)) RETURNING *``, the array form, not ``IN``: see
-  :meth:`SqlJobQueue._among`) and the completion of a batch (:data:`_COMPLETE`, its rows
-  locked in id order first). A completion carries the job as claimed, so the finished job
-  and its webhook payload are built here, not read back. ``submit_many`` and the events of
-  other changes insert with ``INSERT ... SELECT FROM json_populate_recordset(<one JSON array
-  of rows>)``.
+  (:data:`~headrace.queue.sql_statements.CLAIM`: ``UPDATE jobs ... WHERE id =
+  ANY(ARRAY(SELECT id ... ORDER BY ... LIMIT n FOR UPDATE SKIP LOCKED)) RETURNING *``, the
+  array form, not ``IN``: see :meth:`SqlJobQueue._among`) and the completion of a batch
+  (:data:`~headrace.queue.sql_statements.COMPLETE`, its rows locked in id order first). A
+  completion carries the job as claimed, so the finished job and its webhook payload are
+  built here, not read back. ``submit_many`` and the events of other changes insert with
+  ``INSERT ... SELECT FROM json_populate_recordset(<one JSON array of rows>)``.
 - SQLite: write transactions start with ``BEGIN IMMEDIATE`` (they take the database's write
   lock first, so a read-then-write transaction can never fail half way with "database is
   locked" when another process writes the same file; ``busy_timeout`` makes the others
@@ -50,16 +50,16 @@ Deadlines. A claim never starts a job whose ``deadline_at`` passed; at most once
 :data:`EXPIRE_SWEEP_S` a claim first fails those jobs (error code ``expired``, up to 1,000 at
 a time, in a transaction of its own).
 
-One class with one method per Protocol operation, each a transaction, and the statements
-they share with :mod:`headrace.queue.procrastinate`; past the 800 lines of STYLE.md because
-the class is one thing. How a job maps to rows is :mod:`headrace.queue.sql_rows`.
+One class with one method per Protocol operation, each a transaction; past the 800 lines of
+STYLE.md because the class is one thing. How a job maps to rows is
+:mod:`headrace.queue.sql_rows`; the statements built once (and the clauses
+:mod:`headrace.queue.procrastinate` shares) are :mod:`headrace.queue.sql_statements`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -69,21 +69,15 @@ import orjson
 from sqlalchemy import (
     ColumnElement,
     Executable,
-    Float,
-    Integer,
     Row,
     Select,
     Table,
-    Text,
     any_,
-    bindparam,
     case,
-    cast,
     delete,
     false,
     func,
     insert,
-    literal_column,
     or_,
     select,
     text,
@@ -113,6 +107,14 @@ from headrace.queue.sql_rows import (
     row_to_job,
     tenant_of,
 )
+from headrace.queue.sql_statements import (
+    CLAIM,
+    COMPLETE,
+    in_state,
+    json_insert,
+    tags_query,
+    take_sqlite,
+)
 from headrace.store.engine import SQLITE_BEGIN_IMMEDIATE, create_engine, is_sqlite
 from headrace.store.migrate import check_engine, upgrade_engine
 from headrace.store.schema import (
@@ -123,7 +125,7 @@ from headrace.store.schema import (
     webhook_outbox,
 )
 
-__all__ = ["CLAIM_EVENTS", "COMPLETE_CLAUSES", "WEBHOOK_LEASE_S", "SqlJobQueue"]
+__all__ = ["WEBHOOK_LEASE_S", "SqlJobQueue"]
 
 WEBHOOK_LEASE_S = 30.0
 """How long :meth:`SqlJobQueue.due_webhooks` leases an outbox item to its deliverer."""
@@ -253,7 +255,7 @@ class SqlJobQueue:
         if self._sqlite:
             await conn.execute(insert(table), list(rows))
             return
-        statement = _json_insert(table, tuple(rows[0]))
+        statement = json_insert(table, tuple(rows[0]))
         await conn.execute(statement, {"rows": orjson.dumps(rows).decode()})
 
     # -- submission ---------------------------------------------------------------------------
@@ -347,7 +349,7 @@ class SqlJobQueue:
         params |= {f"rank_{i}": rank for i, rank in enumerate(ranks)}
         for i, (tenant, rank) in enumerate(lanes):
             params |= {f"tenant_{i}": tenant, f"lane_rank_{i}": rank}
-        statement = _tags_query(len(ranks), len(lanes))
+        statement = tags_query(len(ranks), len(lanes))
         found = (await conn.execute(statement, params)).one()
         head = dict(zip(ranks, found[: len(ranks)], strict=True))
         following = {
@@ -379,7 +381,7 @@ class SqlJobQueue:
         c = jobs.c
         overdue = (
             select(c.id)
-            .where(_in_state(JobStatus.QUEUED), c.deadline_at <= now)
+            .where(in_state(JobStatus.QUEUED), c.deadline_at <= now)
             .limit(_EXPIRE_BATCH)
             .with_for_update(skip_locked=True)
         )
@@ -398,15 +400,15 @@ class SqlJobQueue:
 
     async def _take(self, worker: str, limit: int, lease_s: float, now: float) -> list[Row[Any]]:
         """Lease up to ``limit`` runnable jobs to ``worker`` and record their events; their
-        rows, in queue order. PostgreSQL: one statement (:data:`_CLAIM`)."""
+        rows, in queue order. PostgreSQL: one statement (:data:`CLAIM`)."""
         params = {"now": now, "limit": limit, "worker": worker, "expires": now + lease_s}
         if self._sqlite:
             async with self._write() as conn:
-                claimed = list(await conn.execute(_take_sqlite(), params))
+                claimed = list(await conn.execute(take_sqlite(), params))
                 changes = [(row, {"worker": worker, "attempt": row.attempts}) for row in claimed]
                 await self._record(conn, changes, now)
         else:
-            claimed = await self._alone(_CLAIM, params)
+            claimed = await self._alone(CLAIM, params)
         # RETURNING comes in no particular order.
         return sorted(claimed, key=lambda r: (-r.priority_rank, r.fair_seq, r.created_at, r.id))
 
@@ -489,7 +491,7 @@ class SqlJobQueue:
         finished: Mapping[str, Job],
         now: float,
     ) -> set[str]:
-        """PostgreSQL: ``completions`` in one statement (:data:`_COMPLETE`), whatever their
+        """PostgreSQL: ``completions`` in one statement (:data:`COMPLETE`), whatever their
         number, events and webhook outbox rows included; the ids of the jobs updated (still
         leased to ``worker``)."""
         done = [
@@ -510,7 +512,7 @@ class SqlJobQueue:
 
     def _completion(self) -> Executable:
         """PostgreSQL's completion statement (:data:`COMPLETE_CLAUSES`)."""
-        return _COMPLETE
+        return COMPLETE
 
     async def fail(self, job_id: str, worker: str, failure: Failure) -> Job | None:
         now = self._clock()
@@ -573,7 +575,7 @@ class SqlJobQueue:
             lost = (
                 await conn.execute(
                     select(jobs)
-                    .where(_in_state(JobStatus.RUNNING), c.lease_expires_at < now)
+                    .where(in_state(JobStatus.RUNNING), c.lease_expires_at < now)
                     .order_by(c.id)
                     .with_for_update(skip_locked=True)
                 )
@@ -686,7 +688,7 @@ class SqlJobQueue:
         async with self._engine.connect() as conn:
             result = await conn.execute(
                 select(jobs)
-                .where(_in_state(JobStatus.DEAD))
+                .where(in_state(JobStatus.DEAD))
                 .order_by(c.finished_at.desc(), c.id)
                 .limit(limit)
             )
@@ -772,7 +774,7 @@ class SqlJobQueue:
         async with self._engine.connect() as conn:
             result = await conn.execute(
                 select(c.priority_rank, func.count(), func.min(c.created_at))
-                .where(_in_state(JobStatus.QUEUED))
+                .where(in_state(JobStatus.QUEUED))
                 .group_by(c.priority_rank)
             )
             found = {rank: (count, oldest) for rank, count, oldest in result}
@@ -947,52 +949,6 @@ class SqlJobQueue:
             await conn.execute(insert(webhook_outbox), outbox)
 
 
-@functools.lru_cache(maxsize=256)
-def _tags_query(ranks: int, lanes: int) -> Executable:
-    """The fairness tags' one round trip for ``ranks`` priorities and ``lanes`` (tenant,
-    priority) pairs: the smallest tag per priority and the largest per lane, each a scalar
-    subquery that reads one end of an index range (ORDER BY ... LIMIT 1 rather than MIN/MAX:
-    an index read whatever the statistics say). Built once per shape."""
-    c = jobs.c
-    queued = _in_state(JobStatus.QUEUED)
-    now = bindparam("now", type_=Float())
-    heads = [
-        select(c.fair_seq)
-        .where(queued, c.priority_rank == bindparam(f"rank_{i}"), c.run_after <= now)
-        .order_by(c.fair_seq)
-        .limit(1)
-        .scalar_subquery()
-        for i in range(ranks)
-    ]
-    lasts = [
-        select(c.fair_seq)
-        .where(
-            c.tenant == bindparam(f"tenant_{i}"),
-            queued,
-            c.priority_rank == bindparam(f"lane_rank_{i}"),
-        )
-        .order_by(c.fair_seq.desc())
-        .limit(1)
-        .scalar_subquery()
-        for i in range(lanes)
-    ]
-    return select(*heads, *lasts)
-
-
-@functools.cache
-def _json_insert(table: Table, names: tuple[str, ...]) -> Executable:
-    """PostgreSQL: ``INSERT INTO table (names) SELECT names FROM
-    json_populate_recordset(NULL::table, :rows)``, ``:rows`` one JSON array of row objects
-    (built once per table and columns)."""
-    rows = cast(bindparam("rows", type_=Text()), postgresql.JSON())
-    source = func.json_populate_recordset(
-        literal_column(f"CAST(NULL AS {table.name})"), rows
-    ).table_valued(*names)
-    return postgresql.insert(table).from_select(
-        list(names), select(*(source.c[name] for name in names))
-    )
-
-
 def _forget_statement(
     running: set[asyncio.Future[list[Row[Any]]]],
 ) -> Callable[[asyncio.Future[list[Row[Any]]]], None]:
@@ -1006,89 +962,6 @@ def _forget_statement(
 
     return forget
 
-
-@functools.cache
-def _take_sqlite() -> Executable:
-    """SQLite's claim: the runnable jobs in queue order, leased (one writer at a time: no
-    row locks)."""
-    c = jobs.c
-    now_ = bindparam("now", type_=Float())
-    runnable = (
-        select(c.id)
-        .where(
-            _in_state(JobStatus.QUEUED),
-            c.run_after <= now_,
-            or_(c.deadline_at.is_(None), c.deadline_at > now_),
-        )
-        .order_by(c.priority_rank.desc(), c.fair_seq, c.created_at)
-        .limit(bindparam("limit", type_=Integer()))
-    )
-    return (
-        update(jobs)
-        .where(c.id.in_(runnable))
-        .values(
-            status=_RUNNING,
-            attempts=c.attempts + 1,
-            started_at=now_,
-            lease_owner=bindparam("worker", type_=Text()),
-            lease_expires_at=bindparam("expires", type_=Float()),
-            event_seq=c.event_seq + 1,
-        )
-        .returning(*jobs.c)
-    )
-
-
-# PostgreSQL: the claim events of the rows a claim's ``taken`` clause returns, written as
-# orjson writes the detail elsewhere (a data-modifying WITH clause: it runs even unread).
-CLAIM_EVENTS = (
-    "claimed AS ("
-    " INSERT INTO job_events (job_id, seq, status, at, detail)"
-    " SELECT id, event_seq, 'running', :now,"
-    " '{\"worker\":' || to_json(CAST(:worker AS text)) || ',\"attempt\":' || attempts || '}'"
-    " FROM taken)"
-)
-
-# PostgreSQL's claim, one statement, its own transaction: lease the runnable jobs in queue
-# order (the array form, see SqlJobQueue._among) and append their events.
-_CLAIM = text(
-    "WITH taken AS ("  # noqa: S608 - built from constants
-    " UPDATE jobs SET status = 'running', attempts = jobs.attempts + 1, started_at = :now,"
-    " lease_owner = :worker, lease_expires_at = :expires, event_seq = jobs.event_seq + 1"
-    " WHERE jobs.id = ANY(ARRAY("
-    "  SELECT id FROM jobs WHERE status = 'queued' AND run_after <= :now"
-    "  AND (deadline_at IS NULL OR deadline_at > :now)"
-    "  ORDER BY priority_rank DESC, fair_seq, created_at LIMIT :limit FOR UPDATE SKIP LOCKED))"
-    " RETURNING jobs.*), " + CLAIM_EVENTS + " SELECT * FROM taken"
-)
-
-# PostgreSQL's completion of many jobs, the WITH clauses of one statement that is its own
-# transaction: lock the rows still leased to the worker in id order (as heartbeat locks them:
-# two transactions that take the same rows in the same order cannot deadlock; the join of
-# the UPDATE locks in whatever order its plan reads), set them succeeded from one JSON array
-# of {id, result, cost}, append their events and insert the outbox rows (built from the
-# claimed jobs) of those updated. ``finished`` holds the ids done; a backend may add clauses.
-# The result arrives as ``json``, whose text is kept as sent: stored as is, not encoded twice.
-COMPLETE_CLAUSES = (
-    "WITH done AS MATERIALIZED ("
-    " SELECT * FROM json_to_recordset(CAST(:done AS json)) AS d(id text, result json, cost bigint)"
-    "), locked AS MATERIALIZED ("
-    " SELECT id FROM jobs WHERE id = ANY(ARRAY(SELECT id FROM done))"
-    " AND status = 'running' AND lease_owner = :worker ORDER BY id FOR UPDATE"
-    "), finished AS ("
-    " UPDATE jobs SET status = 'succeeded', result = CAST(done.result AS text), error = NULL,"
-    " cost_micro_usd = done.cost, finished_at = :now, lease_owner = NULL,"
-    " lease_expires_at = NULL, event_seq = jobs.event_seq + 1"
-    " FROM done WHERE jobs.id = done.id AND jobs.id = ANY(ARRAY(SELECT id FROM locked))"
-    " RETURNING jobs.id, jobs.event_seq, jobs.attempts"
-    "), events AS ("
-    " INSERT INTO job_events (job_id, seq, status, at, detail)"
-    " SELECT id, event_seq, 'succeeded', :now, '{\"attempt\":' || attempts || '}' FROM finished"
-    "), outbox AS ("
-    " INSERT INTO webhook_outbox"
-    " SELECT item.* FROM json_populate_recordset(NULL::webhook_outbox, CAST(:outbox AS json))"
-    " AS item WHERE item.job_id = ANY(ARRAY(SELECT id FROM finished)))"
-)
-_COMPLETE = text(COMPLETE_CLAUSES + " SELECT id FROM finished")  # noqa: S608 - constants
 
 # An expired job's error; OpenAI-shaped, plus its HTTP-like status.
 _EXPIRED: dict[str, Any] = {
@@ -1114,9 +987,3 @@ def _worker_lost(worker: str | None) -> dict[str, Any]:
         "code": "worker_lost",
         "status": 500,
     }
-
-
-def _in_state(status: JobStatus) -> ColumnElement[bool]:
-    """``jobs.status = '<status>'``, the value inline rather than a bound parameter: only then
-    can the planner use the partial indexes (``WHERE status = 'queued'``, ...) of the schema."""
-    return jobs.c.status == literal_column(f"'{status.value}'")
