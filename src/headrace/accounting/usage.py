@@ -30,7 +30,8 @@ exclusive ``flock`` on the file it appends to, and replay takes the same lock be
 file: files that another live process writes or replays are skipped, and the files of a
 process that ended (crashed, or stopped while the database was down) are replayed by the next
 writer started on the directory. A torn last line (a write cut by a crash) is skipped with a
-warning; it never reached the spool's fsync, so its record was still only in memory.
+warning; it never reached the spool's fsync, so its record was still only in memory. The files
+themselves (appending, fsync, locking, reading back) are :mod:`headrace.accounting.spool`.
 
 Call ``record()`` on the event loop's thread: the writer is not thread-safe.
 """
@@ -39,24 +40,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 import orjson
 import structlog
 
+from headrace.accounting.spool import Spool, decode, encode, load, remove
 from headrace.domain import UsageRecord
 
 log = structlog.get_logger("headrace")
-
-_PREFIX = "usage-"
-_SUFFIX = ".jsonl"
 
 
 class UsageSink(Protocol):
@@ -102,7 +99,7 @@ class UsageWriter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sink = sink
-        self._spool = _Spool(spool_dir, spool_file_bytes)
+        self._spool = Spool(spool_dir, spool_file_bytes)
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
         self._max_buffer = max_buffer
@@ -333,7 +330,7 @@ class UsageWriter:
 
     async def _to_spool(self, batch: list[UsageRecord]) -> None:
         try:
-            self._spool.append(_encode(batch))
+            self._spool.append(encode(batch))
         except OSError as exc:
             self._inflight = []
             self._lost(batch, exc)
@@ -358,7 +355,7 @@ class UsageWriter:
         (``close``) so that the next writer on the directory can replay it.
         """
         try:
-            self._spool.append(_encode(records))
+            self._spool.append(encode(records))
             if self._closed:
                 self._spool.sync_now(close=close)
         except OSError as exc:
@@ -398,7 +395,7 @@ class UsageWriter:
 
     async def _replay_file(self, path: Path) -> bool:
         """Write one file's records to the sink and delete it; False if that stopped short."""
-        claimed = await _load(path)
+        claimed = await load(path)
         if claimed is None:
             return True  # another process writes or replays it, or it is gone
         fd, lines = claimed
@@ -407,7 +404,7 @@ class UsageWriter:
             for start in range(0, len(lines), self._batch_size):
                 if self._closing and self._clock() >= self._close_deadline:
                     return False
-                batch = _decode(path, lines[start : start + self._batch_size], start)
+                batch = decode(path, lines[start : start + self._batch_size], start)
                 if batch:
                     if not await self._write(batch):
                         self._enter_spooling()
@@ -419,210 +416,8 @@ class UsageWriter:
                     await self._drain()
                     if self._spooling:
                         return False
-            _remove(path)
+            remove(path)
         finally:
             os.close(fd)
         log.info("usage_spool_replayed", file=path.name, records=count)
         return True
-
-
-class _Spool:
-    """Append-only JSON-lines files in one directory; one open file per process at a time.
-
-    ``append`` runs on the event loop (a write to the page cache); ``sync`` fsyncs and closes
-    retired files in a worker thread. Only one coroutine at a time may call ``sync``, ``rotate``
-    and ``close`` (the writer's task, then ``aclose``), so no file is closed while it syncs.
-    """
-
-    def __init__(self, directory: Path, max_file_bytes: int) -> None:
-        self.directory = directory
-        self._max_file_bytes = max_file_bytes
-        self._fd: int | None = None
-        self._path: Path | None = None
-        self._size = 0
-        self._dirty = False  # written since the last fsync
-        self._new_entry = False  # a file was created since the last fsync of the directory
-        self._retired: list[tuple[int, Path]] = []  # to fsync and close
-        self._seq = 0
-        directory.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def dirty(self) -> bool:
-        return self._dirty or bool(self._retired)
-
-    def append(self, payload: bytes) -> None:
-        """Write whole lines to the current file, opening one first if needed (no fsync)."""
-        if self._fd is None:
-            self._open()
-        fd = self._fd
-        assert fd is not None
-        self._dirty = True
-        try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
-        except OSError:
-            self._retire()  # a partial line stays alone at the end of that file
-            raise
-        self._size += len(payload)
-        if self._size >= self._max_file_bytes:
-            self._retire()
-
-    async def sync(self) -> None:
-        """fsync what was appended (and a new file's directory entry); close retired files."""
-        current = self._fd if self._dirty else None
-        retired, self._retired = self._retired, []
-        directory = self.directory if self._new_entry else None
-        self._dirty = self._new_entry = False
-        if current is None and not retired and directory is None:
-            return
-        try:
-            await asyncio.to_thread(_fsync, current, [fd for fd, _ in retired], directory)
-        except OSError:
-            if current is not None and current == self._fd:
-                self._retire()
-            raise
-
-    def sync_now(self, *, close: bool) -> None:
-        """fsync (and ``close``) the current file on this thread: no task is left to do it."""
-        fd = self._fd
-        if fd is None:
-            return
-        if close:
-            self._fd = self._path = None
-        try:
-            os.fsync(fd)
-        finally:
-            if close:
-                os.close(fd)
-
-    async def rotate(self) -> None:
-        """Close the current file, so that it can be replayed and new lines go to a new one."""
-        self._retire()
-        await self.sync()
-
-    async def close(self) -> None:
-        await self.rotate()
-
-    def closed_files(self) -> list[Path]:
-        """Spool files, oldest first, except the one this process appends to."""
-        own = {path for _, path in self._retired}
-        if self._path is not None:
-            own.add(self._path)
-        return sorted(p for p in self.directory.glob(f"{_PREFIX}*{_SUFFIX}") if p not in own)
-
-    def _open(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._seq += 1
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        name = f"{_PREFIX}{stamp}-{os.getpid()}-{self._seq:06d}{_SUFFIX}"
-        # Created under a name replay ignores, locked, then renamed: replay never sees the file
-        # unlocked while this process still means to write to it.
-        temporary = self.directory / f".{name}.new"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        fd = os.open(temporary, flags, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            temporary.rename(self.directory / name)
-        except OSError:
-            os.close(fd)
-            temporary.unlink(missing_ok=True)
-            raise
-        self._fd, self._path, self._size = fd, self.directory / name, 0
-        self._new_entry = True
-
-    def _retire(self) -> None:
-        if self._fd is not None and self._path is not None:
-            self._retired.append((self._fd, self._path))
-        self._fd = self._path = None
-        self._size = 0
-
-
-def _encode(records: Iterable[UsageRecord]) -> bytes:
-    return b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
-
-
-def _fsync(current: int | None, retired: Sequence[int], directory: Path | None) -> None:
-    try:
-        for fd in retired:
-            os.fsync(fd)
-        if current is not None:
-            os.fsync(current)
-        if directory is not None:
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    finally:
-        for fd in retired:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-async def _load(path: Path) -> tuple[int, list[bytes]] | None:
-    """A locked descriptor on ``path`` and its lines; None if it is locked elsewhere or gone.
-
-    An unreadable file is logged and left where it is.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        log.error("usage_spool_unreadable", file=str(path), error=repr(exc))
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_nlink == 0:  # replayed and deleted while this opened it
-            os.close(fd)
-            return None
-        data = await asyncio.to_thread(_read_all, fd)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except OSError as exc:
-        os.close(fd)
-        log.error("usage_spool_unreadable", file=str(path), error=repr(exc))
-        return None
-    return fd, _lines(path, data)
-
-
-def _read_all(fd: int) -> bytes:
-    with os.fdopen(os.dup(fd), "rb") as file:
-        return file.read()
-
-
-def _remove(path: Path) -> None:
-    path.unlink(missing_ok=True)
-
-
-def _lines(path: Path, data: bytes) -> list[bytes]:
-    lines = data.split(b"\n")
-    tail = lines.pop()  # b"" when the file ends with a newline
-    if tail:
-        log.warning(
-            "usage_spool_torn_line",
-            file=path.name,
-            line=tail.decode("utf-8", "replace"),
-            hint="a write cut short by a crash; its record had not been fsynced",
-        )
-    return lines
-
-
-def _decode(path: Path, lines: Sequence[bytes], first_line: int) -> list[UsageRecord]:
-    records = []
-    for number, line in enumerate(lines, start=first_line + 1):
-        if not line:
-            continue
-        try:
-            records.append(UsageRecord(**orjson.loads(line)))
-        except (ValueError, TypeError) as exc:  # not JSON, or not a record's fields
-            log.error(
-                "usage_spool_bad_line",
-                file=path.name,
-                line_number=number,
-                line=line.decode("utf-8", "replace"),
-                error=repr(exc),
-            )
-    return records
