@@ -2,9 +2,9 @@
 
 The hot routes (chat completions, embeddings, job submission) are plain Starlette routes in
 the outer application: FastAPI's per-route machinery (dependency solving, its own middleware
-stack) cost about a quarter of a cache hit's CPU. Everything else — models, health, metrics, admin,
-and the OpenAPI description of every route, the hot ones included — is served by the FastAPI
-application mounted beneath them.
+stack) cost about a quarter of a cache hit's CPU. Everything else — models, health, metrics,
+admin, the dashboard, and the OpenAPI description of every route, the hot ones included — is
+served by the FastAPI application mounted beneath them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from headrace.api import (
     admin_keys,
     batches,
     chat,
+    dashboard,
     embeddings,
     errors,
     jobs,
@@ -46,7 +47,18 @@ def create_app(rt: Runtime) -> Starlette:
 
     api = FastAPI(title="Headrace", version=__version__, summary="OpenAI-compatible AI gateway.")
     api.state.runtime = rt
-    for module in (chat, embeddings, models, ops, admin, admin_keys, usage, jobs, batches):
+    for module in (
+        chat,
+        embeddings,
+        models,
+        ops,
+        admin,
+        admin_keys,
+        usage,
+        jobs,
+        batches,
+        dashboard,
+    ):
         api.include_router(module.router)
     errors.install(api)
 
