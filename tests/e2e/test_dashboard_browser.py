@@ -9,6 +9,7 @@ Skipped without Playwright or Chromium, except in CI (``HEADRACE_TEST_BROWSER=1`
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -97,10 +98,12 @@ def test_the_admin_key_opens_what_the_gateway_holds(
     page.fill("#key", ADMIN_KEY)
     page.click("#login button[type=submit]")
 
-    expect(page.locator("#health-status")).to_have_text("ready")
+    # The shared gateway's deployments may be mid-fault for another test: the status is
+    # whichever /health/ready gives, the store's row is always there and up.
+    expect(page.locator("#health-status")).to_have_text(re.compile(r"^(ready|degraded|unavailable)$"))
+    expect(page.locator("#health tbody tr", has_text="store")).to_contain_text("ok")
     expect(page.locator("#login")).to_be_hidden()
     expect(page.locator("#board")).to_be_visible()
-    expect(page.locator("#health")).to_contain_text("store")
     expect(page.locator("#usage-model tbody")).to_contain_text("mock-model")
     expect(page.locator("#usage-team tbody")).to_contain_text("dash-team")
     dash_key = page.locator("#keys tbody tr", has_text="dash-key")
