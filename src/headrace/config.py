@@ -334,6 +334,17 @@ class JobsConfig(_Strict):
         return self
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry traces over OTLP/HTTP; needs the ``otel`` extra when enabled."""
+
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"  # a collector's OTLP/HTTP traces URL
+    service_name: str = "headrace"
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)  # of traces the caller did not sample
+    headers: dict[str, str] = Field(default_factory=dict)  # e.g. a hosted collector's token
+    timeout_s: float = Field(10.0, gt=0)
+
+
 class LogConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -380,6 +391,7 @@ class Settings(BaseSettings):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     log: LogConfig = LogConfig()
+    tracing: TracingConfig = TracingConfig()
     router: RouterConfig = RouterConfig()
     cache: CacheConfig = CacheConfig()
     pricing: PricingConfig = PricingConfig()

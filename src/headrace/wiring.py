@@ -29,6 +29,7 @@ from headrace.config import (
     LimitsConfig,
     ModelConfig,
     Settings,
+    TracingConfig,
 )
 from headrace.domain import Call, Deployment, EmbeddingRequest, ModelRoute, Price, Timeouts
 from headrace.gateway.admission import Admission
@@ -45,6 +46,7 @@ from headrace.limits.base import Limiter
 from headrace.limits.fallback import FallbackLimiter
 from headrace.limits.memory import MemoryLimiter
 from headrace.observability.metrics import Metrics
+from headrace.observability.tracing import Tracing
 from headrace.providers import registry
 from headrace.providers.base import Provider
 from headrace.providers.batching import BatchingProvider
@@ -125,6 +127,7 @@ class Runtime:
     on_job_submitted: Callable[[], None] | None = None  # wakes an in-process runner
     started_at: int = field(default_factory=lambda: int(time.time()))
     announce_admin_key: Callable[[str, Path], None] | None = None
+    tracing: Tracing | None = None
 
     async def start(self) -> None:
         await self.store.start()
@@ -163,6 +166,8 @@ class Runtime:
         cacher = self.gateway.cacher
         if cacher is not None:
             await cacher.aclose()
+        if self.tracing is not None:
+            await self.tracing.aclose()  # the last spans go out
 
 
 def _deployment(
@@ -200,6 +205,50 @@ def _deployment(
         ),
         options=dict(config.options),
     )
+
+
+def build_providers(
+    settings: Settings, routes: Sequence[ModelRoute], context: registry.ProviderContext
+) -> dict[str, Provider]:
+    """One provider per deployment, by deployment name; embeddings batched as configured."""
+    providers: dict[str, Provider] = {}
+    batching = {
+        (model.name, i): d.embedding_batch
+        for model in settings.models
+        for i, d in enumerate(model.deployments)
+    }
+    for route in routes:
+        for i, deployment in enumerate(route.deployments):
+            if deployment.name in providers:
+                raise ValueError(f"deployment name {deployment.name!r} is used twice")
+            provider = registry.build(deployment, context)
+            batch = batching[(route.name, i)]
+            if "embeddings" in route.capabilities and batch.window_ms > 0:
+                provider = BatchingProvider(
+                    provider, window_s=batch.window_ms / 1000, max_inputs=batch.max_inputs
+                )
+            providers[deployment.name] = provider
+    return providers
+
+
+def build_tracing(config: TracingConfig) -> Tracing | None:
+    """The OTLP exporter ``tracing:`` describes (None: off); a clear error without the
+    ``otel`` extra."""
+    if not config.enabled:
+        return None
+    try:
+        return Tracing.otlp(
+            config.endpoint,
+            service_name=config.service_name,
+            sample_ratio=config.sample_ratio,
+            headers=config.headers,
+            timeout_s=config.timeout_s,
+        )
+    except ImportError as exc:
+        raise ConfigError(
+            f"tracing.enabled needs the OpenTelemetry SDK and OTLP exporter ({exc.name} is "
+            "missing): pip install 'headrace[otel]', or set tracing.enabled: false."
+        ) from None
 
 
 def _micro_usd(dollars: float) -> int:
@@ -434,33 +483,22 @@ def build_routes(settings: Settings) -> list[ModelRoute]:
 
 
 def build_runtime(
-    settings: Settings, *, store: Store | None = None, validate_job: Validate | None = None
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    validate_job: Validate | None = None,
+    tracing: Tracing | None = None,
 ) -> Runtime:
     """Build every service from ``settings``. Nothing is started or connected yet.
 
     ``validate_job`` checks a job's request body at submission (the API passes its wire
-    parser); without it, jobs are not offered.
+    parser); without it, jobs are not offered. ``tracing`` replaces the one
+    ``settings.tracing`` describes (tests export to memory).
     """
+    tracing = tracing or build_tracing(settings.tracing)
     routes = build_routes(settings)
     http = SessionPool()
-    context = registry.ProviderContext(http=http)
-    providers: dict[str, Provider] = {}
-    batching = {
-        (model.name, i): d.embedding_batch
-        for model in settings.models
-        for i, d in enumerate(model.deployments)
-    }
-    for route in routes:
-        for i, deployment in enumerate(route.deployments):
-            if deployment.name in providers:
-                raise ValueError(f"deployment name {deployment.name!r} is used twice")
-            provider = registry.build(deployment, context)
-            batch = batching[(route.name, i)]
-            if "embeddings" in route.capabilities and batch.window_ms > 0:
-                provider = BatchingProvider(
-                    provider, window_s=batch.window_ms / 1000, max_inputs=batch.max_inputs
-                )
-            providers[deployment.name] = provider
+    providers = build_providers(settings, routes, registry.ProviderContext(http=http))
     metrics = Metrics()
     store = store or build_store(settings)
     authenticator = Authenticator(
@@ -481,6 +519,7 @@ def build_runtime(
             ratio=budget.ratio, window_s=budget.window_s, min_per_s=budget.min_per_s
         ),
         metrics=metrics,
+        tracing=tracing,
     )
     limits = settings.router.admission
     admission = Admission(
@@ -557,4 +596,5 @@ def build_runtime(
         readiness=readiness,
         optional_checks=frozenset(optional),
         cache=cacher.cache if cacher is not None else None,
+        tracing=tracing,
     )

@@ -100,7 +100,9 @@ def test_the_admin_key_opens_what_the_gateway_holds(
 
     # The shared gateway's deployments may be mid-fault for another test: the status is
     # whichever /health/ready gives, the store's row is always there and up.
-    expect(page.locator("#health-status")).to_have_text(re.compile(r"^(ready|degraded|unavailable)$"))
+    expect(page.locator("#health-status")).to_have_text(
+        re.compile(r"^(ready|degraded|unavailable)$")
+    )
     expect(page.locator("#health tbody tr", has_text="store")).to_contain_text("ok")
     expect(page.locator("#login")).to_be_hidden()
     expect(page.locator("#board")).to_be_visible()

@@ -78,5 +78,6 @@ def create_app(rt: Runtime) -> Starlette:
         metrics=rt.metrics,
         max_body_bytes=rt.http_options.max_body_bytes,
         access_log=rt.http_options.access_log,
+        tracing=rt.tracing,
     )
     return app

@@ -4,7 +4,8 @@ For every HTTP request: a request id (an incoming ``X-Request-Id`` is honoured),
 limit (413 before reading when ``Content-Length`` says so, or as soon as the stream passes
 it), a client that leaves before its body is complete (499, wherever the body is read),
 response headers reporting what the gateway did, metrics (counts, duration, active
-requests, overhead = wall time minus upstream time) and one structured access-log line.
+requests, overhead = wall time minus upstream time), one structured access-log line and,
+with tracing on, the request's span (:mod:`headrace.observability.tracing`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from typing import Any
 
 import orjson
+from opentelemetry.trace import Span
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from headrace.domain import Call
@@ -20,6 +22,7 @@ from headrace.errors import ClientClosedError, PayloadTooLargeError
 from headrace.ids import unique_id
 from headrace.observability.access_log import AccessLog
 from headrace.observability.metrics import Metrics
+from headrace.observability.tracing import Tracing
 
 _REQUEST_ID = b"x-request-id"
 _CONTENT_LENGTH = b"content-length"
@@ -57,10 +60,17 @@ def _gateway_headers(call: Call) -> list[tuple[bytes, bytes]]:
 
 class RequestMiddleware:
     def __init__(
-        self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, access_log: bool
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        max_body_bytes: int,
+        access_log: bool,
+        tracing: Tracing | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
+        self.tracing = tracing
         self.max_body_bytes = max_body_bytes
         self.access_log = AccessLog() if access_log else None
         self._by_route: dict[tuple[str, int], tuple[Any, Any]] = {}
@@ -111,14 +121,20 @@ class RequestMiddleware:
             return message
 
         self.metrics.active.inc()
+        span = None
+        if self.tracing is not None:
+            span = self.tracing.request_span(scope["method"], scope["headers"])
         try:
             if content_length > limit:
                 await self._reject(send_with_headers, _too_large(limit))
-            else:
+            elif span is None:
                 await self.app(scope, receive_limited, send_with_headers)
+            else:
+                with Tracing.current(span):
+                    await self.app(scope, receive_limited, send_with_headers)
         finally:
             self.metrics.active.dec()
-            self._finish(scope, call, status)
+            self._finish(scope, call, status, span)
 
     @staticmethod
     async def _reject(send: Send, error: PayloadTooLargeError) -> None:
@@ -136,7 +152,7 @@ class RequestMiddleware:
         )
         await send({"type": "http.response.body", "body": body})
 
-    def _finish(self, scope: Scope, call: Call, status: int) -> None:
+    def _finish(self, scope: Scope, call: Call, status: int, span: Span | None) -> None:
         elapsed_ns = time.perf_counter_ns() - call.started_ns
         route = scope.get("route")  # FastAPI's routes set it; the hot Starlette routes do not
         path = getattr(route, "path", None) or (
@@ -153,25 +169,57 @@ class RequestMiddleware:
             m.overhead.labels("cache_hit").observe(elapsed_ns / 1e9)
         elif call.deployment is not None:
             m.overhead.labels("total").observe(max(0, elapsed_ns - call.upstream_ns) / 1e9)
+        trace_id = None
+        if span is not None:
+            trace_id = _end_span(span, scope["method"], path, status, call)
         if self.access_log is not None:
             usage = call.usage
-            self.access_log.write(
-                {
-                    "request_id": call.request_id,
-                    "method": scope["method"],
-                    "route": path,
-                    "status": status,
-                    "latency_ms": round(elapsed_ns / 1e6, 3),
-                    "key_id": call.principal.key_id if call.principal else None,
-                    "model": call.model,
-                    "deployment": call.deployment,
-                    "attempts": call.attempts,
-                    "degraded": call.degraded,
-                    "cache": call.cache,
-                    "cost_usd": None
-                    if call.cost_micro_usd is None
-                    else call.cost_micro_usd / 1_000_000,
-                    "prompt_tokens": usage.prompt_tokens if usage else None,
-                    "completion_tokens": usage.completion_tokens if usage else None,
-                }
-            )
+            line = {
+                "request_id": call.request_id,
+                "method": scope["method"],
+                "route": path,
+                "status": status,
+                "latency_ms": round(elapsed_ns / 1e6, 3),
+                "key_id": call.principal.key_id if call.principal else None,
+                "model": call.model,
+                "deployment": call.deployment,
+                "attempts": call.attempts,
+                "degraded": call.degraded,
+                "cache": call.cache,
+                "cost_usd": None
+                if call.cost_micro_usd is None
+                else call.cost_micro_usd / 1_000_000,
+                "prompt_tokens": usage.prompt_tokens if usage else None,
+                "completion_tokens": usage.completion_tokens if usage else None,
+            }
+            if trace_id is not None:
+                line["trace_id"] = trace_id
+            self.access_log.write(line)
+
+
+def _end_span(span: Span, method: str, route: str, status: int, call: Call) -> str:
+    """End the request's span with what the gateway did; its trace id, for the access log."""
+    usage = call.usage
+    Tracing.end_request(
+        span,
+        method,
+        route,
+        status,
+        {
+            "headrace.request_id": call.request_id,
+            "headrace.key_id": call.principal.key_id if call.principal else None,
+            "headrace.team_id": call.principal.team_id if call.principal else None,
+            "gen_ai.request.model": call.requested_model,
+            "gen_ai.response.model": call.model,
+            "headrace.deployment": call.deployment,
+            "headrace.attempts": call.attempts if call.deployment else None,
+            "headrace.cache": call.cache,
+            "headrace.degraded": call.degraded or None,
+            "headrace.cost_usd": None
+            if call.cost_micro_usd is None
+            else call.cost_micro_usd / 1_000_000,
+            "gen_ai.usage.input_tokens": usage.prompt_tokens if usage else None,
+            "gen_ai.usage.output_tokens": usage.completion_tokens if usage else None,
+        },
+    )
+    return format(span.get_span_context().trace_id, "032x")

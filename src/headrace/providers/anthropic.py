@@ -58,6 +58,7 @@ from headrace.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from headrace.observability.tracing import trace_headers
 from headrace.providers.anthropic_translate import (
     StreamTranslator,
     chat_completion,
@@ -219,7 +220,7 @@ class AnthropicProvider:
             async with session.post(
                 self._base + "/v1/messages",
                 data=orjson.dumps(body),
-                headers=self._headers,
+                headers=trace_headers(self._headers),
                 timeout=self._timeout,
             ) as response:
                 await self._raise_for_status(response)
@@ -246,7 +247,7 @@ class AnthropicProvider:
             async with session.post(
                 self._base + "/v1/messages",
                 data=orjson.dumps(body),
-                headers=self._headers,
+                headers=trace_headers(self._headers),
                 timeout=self._timeout,
             ) as response:
                 await self._raise_for_status(response)
@@ -308,7 +309,7 @@ class AnthropicProvider:
         try:
             async with session.get(
                 self._base + "/v1/models",
-                headers=self._headers,
+                headers=trace_headers(self._headers),
                 timeout=aiohttp.ClientTimeout(total=min(5.0, self._deployment.timeouts.total_s)),
             ) as response:
                 if response.status >= 500:

@@ -31,6 +31,7 @@ from headrace.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from headrace.observability.tracing import trace_headers
 from headrace.providers.hints import parse_rate_limit_hints
 from headrace.providers.http import transport_error
 from headrace.providers.registry import ProviderContext
@@ -146,7 +147,7 @@ class OpenAICompatibleProvider:
             async with session.post(
                 self._url(path),
                 data=orjson.dumps(body),
-                headers=self._headers,
+                headers=trace_headers(self._headers),
                 timeout=self._timeout,
             ) as response:
                 await self._raise_for_status(response)
@@ -186,7 +187,7 @@ class OpenAICompatibleProvider:
             async with session.post(
                 self._url("/chat/completions"),
                 data=orjson.dumps(body),
-                headers=self._headers,
+                headers=trace_headers(self._headers),
                 timeout=self._stream_timeout,
             ) as response:
                 await self._raise_for_status(response)
@@ -263,7 +264,7 @@ class OpenAICompatibleProvider:
         try:
             async with session.get(
                 self._url("/models"),
-                headers=self._headers,
+                headers=trace_headers(self._headers),
                 timeout=aiohttp.ClientTimeout(total=min(5.0, self._deployment.timeouts.total_s)),
             ) as response:
                 if response.status >= 500:

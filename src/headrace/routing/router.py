@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import structlog
+from opentelemetry.trace import Span
 
 from headrace.domain import (
     Call,
@@ -47,6 +48,7 @@ from headrace.errors import (
     UpstreamTimeoutError,
 )
 from headrace.observability.metrics import Metrics
+from headrace.observability.tracing import Tracing, answered, failed
 from headrace.providers.base import Provider
 from headrace.routing.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from headrace.routing.catalog import Catalog
@@ -58,6 +60,7 @@ from headrace.routing.strategies import Candidate, Ewma, Strategy, make_strategy
 log = structlog.get_logger("headrace.router")
 
 T = TypeVar("T")
+_Answer = TypeVar("_Answer", ChatResponse, EmbeddingResponse)
 Sleep = Callable[[float], Awaitable[None]]
 
 _BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -130,8 +133,10 @@ class Router:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        tracing: Tracing | None = None,
     ) -> None:
         self._catalog = catalog
+        self._tracing = tracing
         self._policies = policies
         self._budget = budget
         self._metrics = metrics
@@ -171,7 +176,9 @@ class Router:
         plan = _Plan(self, call, request.model, "chat")
         while (slot := plan.next()) is not None:
             try:
-                response = await self._timed(slot, slot.provider.chat(request))
+                response = await self._attempt(
+                    slot, "chat", request.max_tokens, slot.provider.chat(request)
+                )
             except HeadraceError as exc:
                 await plan.failed(slot, exc)
                 continue
@@ -184,7 +191,9 @@ class Router:
         plan = _Plan(self, call, request.model, "embeddings")
         while (slot := plan.next()) is not None:
             try:
-                response = await self._timed(slot, slot.provider.embed(request))
+                response = await self._attempt(
+                    slot, "embeddings", None, slot.provider.embed(request)
+                )
             except HeadraceError as exc:
                 await plan.failed(slot, exc)
                 continue
@@ -193,7 +202,7 @@ class Router:
         plan.raise_last()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def stream_chat(  # noqa: PLR0912 - one loop; each branch is a documented outcome
+    async def stream_chat(  # noqa: PLR0912, PLR0915 - one loop; each branch a documented outcome
         self, call: Call, request: ChatRequest
     ) -> AsyncGenerator[ChatChunk, None]:
         plan = _Plan(self, call, request.model, "chat")
@@ -202,25 +211,31 @@ class Router:
             chunks = slot.provider.stream_chat(request)
             slot.in_flight += 1
             started = self._clock()
+            span = self._start_attempt(slot, "chat", request.max_tokens)
             try:
-                first = await self._first_chunk(slot, chunks)
+                first = await self._first_chunk(slot, chunks, span)
             except HeadraceError as exc:
                 slot.in_flight -= 1
                 await chunks.aclose()
+                _end_attempt(span, exc)
                 await plan.failed(slot, exc)
                 continue
             if first.exhausted_for_s:
                 slot.breaker.cool_down(first.exhausted_for_s)
             splicer = Splicer(sent) if sent.started else None
+            usage: Usage | None = None
+            error: BaseException | None = None
             try:
                 chunk: ChatChunk | None = first
                 while chunk is not None:
+                    usage = chunk.usage or usage
                     out = chunk if splicer is None else splicer.feed(chunk)
                     if out is not None:
                         sent.record(out)
                         yield out
                     chunk = await anext(chunks, None)
             except HeadraceError as exc:
+                error = exc
                 # Output already reached the client: only a resumable stream may go on.
                 if not sent.resumable:
                     slot.breaker.record_failure()
@@ -228,10 +243,12 @@ class Router:
                 await plan.failed(slot, exc)
                 self._metrics.stream_resumes.labels(slot.name).inc()
                 continue
-            except SpliceMismatchError:
+            except SpliceMismatchError as exc:
+                error = exc
                 slot.breaker.release()
                 plan.raise_last()
-            except BaseException:
+            except BaseException as exc:
+                error = exc
                 slot.breaker.release()
                 raise
             else:
@@ -240,6 +257,7 @@ class Router:
             finally:
                 slot.in_flight -= 1
                 await chunks.aclose()
+                _end_attempt(span, error, usage)
             return
         if sent.started:
             plan.raise_last()  # never append a degraded answer to a partial one
@@ -248,6 +266,28 @@ class Router:
             yield chunk
 
     # -- helpers -----------------------------------------------------------------------------
+
+    async def _attempt(
+        self, slot: Slot, operation: str, max_tokens: int | None, work: Awaitable[_Answer]
+    ) -> _Answer:
+        """One non-streamed attempt at ``slot``: timed, and traced when tracing is on."""
+        span = self._start_attempt(slot, operation, max_tokens)
+        if span is None:
+            return await self._timed(slot, work)
+        try:
+            with Tracing.current(span):
+                response = await self._timed(slot, work)
+        except BaseException as exc:
+            _end_attempt(span, exc)
+            raise
+        _end_attempt(span, None, response.usage, response_model(response))
+        return response
+
+    def _start_attempt(self, slot: Slot, operation: str, max_tokens: int | None) -> Span | None:
+        if self._tracing is None:
+            return None
+        d = slot.deployment
+        return self._tracing.start_attempt(operation, d.kind, d.model, d.name, max_tokens)
 
     async def _timed(self, slot: Slot, work: Awaitable[T]) -> T:
         slot.in_flight += 1
@@ -262,12 +302,21 @@ class Router:
         return result
 
     @staticmethod
-    async def _first_chunk(slot: Slot, chunks: AsyncGenerator[ChatChunk, None]) -> ChatChunk:
-        """The stream-start guard: the first chunk within ``first_token_s``, or a timeout."""
+    async def _first_chunk(
+        slot: Slot, chunks: AsyncGenerator[ChatChunk, None], span: Span | None
+    ) -> ChatChunk:
+        """The stream-start guard: the first chunk within ``first_token_s``, or a timeout.
+
+        The request goes out on this first read, so the attempt's span (tracing on) is current
+        here: an HTTP provider sends it upstream as ``traceparent``.
+        """
         limit = slot.deployment.timeouts.first_token_s
         try:
             async with asyncio.timeout(limit):
-                return await anext(chunks)
+                if span is None:
+                    return await anext(chunks)
+                with Tracing.current(span):
+                    return await anext(chunks)
         except TimeoutError:
             raise UpstreamTimeoutError(
                 f"Deployment {slot.name!r} sent no first token within {limit:g} s.",
@@ -499,3 +548,32 @@ def _degraded_chunks(request: ChatRequest, text: str) -> list[ChatChunk]:
     usage = Usage()
     chunks.append(ChatChunk({**base, "choices": [], "usage": usage.to_openai()}, usage=usage))
     return chunks
+
+
+def response_model(response: ChatResponse | EmbeddingResponse) -> str | None:
+    """The model the upstream says answered."""
+    if isinstance(response, EmbeddingResponse):
+        return response.model
+    model = response.body.get("model")
+    return model if isinstance(model, str) else None
+
+
+def _end_attempt(
+    span: Span | None,
+    error: BaseException | None,
+    usage: Usage | None = None,
+    model: str | None = None,
+) -> None:
+    """End an attempt's span (tracing on): failed with ``error``, or with what it used."""
+    if span is None:
+        return
+    if error is not None:
+        failed(span, error)
+    elif usage is not None:
+        answered(
+            span,
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+            response_model=model,
+        )
+    span.end()
