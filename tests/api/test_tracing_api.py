@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from headrace.config import ConfigError, DeploymentConfig, ModelConfig, TracingConfig
 from headrace.observability.tracing import Tracing
 from headrace.wiring import build_tracing
+from tests.api.test_jobs_api import wait_final
 from tests.conftest import AUTH, GatewayFactory, echo_models
 from tests.sockets import free_port
 
@@ -257,3 +258,26 @@ def test_tracing_without_the_sdk_is_a_clear_configuration_error(
     with pytest.raises(ConfigError, match=r"pip install 'headrace\[otel\]'"):
         build_tracing(TracingConfig(enabled=True))
     assert build_tracing(TracingConfig()) is None
+
+
+async def test_a_queued_job_run_is_a_consumer_span_with_its_attempt_under_it(
+    gateway: GatewayFactory,
+) -> None:
+    exporter = InMemorySpanExporter()
+    client, _ = await gateway(jobs=True, tracing=Tracing.exporting(exporter, batch=False))
+    accepted = await client.post("/v1/jobs", json={"body": CHAT, "priority": "high"}, headers=AUTH)
+    job = await wait_final(client, accepted.json()["id"])
+    assert job["status"] == "succeeded"
+    spans = exporter.get_finished_spans()
+    [run] = [s for s in spans if s.kind is SpanKind.CONSUMER]
+    assert run.name == "job chat"
+    assert run.parent is None  # no HTTP request runs it: a trace of its own
+    assert run.attributes is not None
+    assert run.attributes["headrace.job_id"] == job["id"]
+    assert run.attributes["headrace.job.attempt"] == 1
+    assert run.attributes["headrace.job.priority"] == "high"
+    [attempt] = [
+        s for s in spans if s.parent is not None and s.parent.span_id == run.context.span_id
+    ]
+    assert attempt.name == "chat echo-1"
+    assert attempt.kind is SpanKind.CLIENT

@@ -15,7 +15,8 @@ hold ``None``).
   attributes: the provider, the upstream model, ``max_tokens``, the tokens used, the finish
   reasons, and ``error.type`` when it failed. HTTP providers send its context upstream as
   ``traceparent`` (:func:`trace_headers`), so an upstream that traces joins the trace.
-- A job run by a worker has no HTTP request: its attempts are the roots of their traces.
+- A job run by a worker has no HTTP request: each run is a CONSUMER span ``job {operation}`` (job
+  id, attempt, priority), the root of its own trace, with its upstream attempts under it.
 
 The API package (``opentelemetry-api``) is a dependency of Headrace; the SDK and the exporter
 are the ``otel`` extra, asked for only when tracing is enabled.
@@ -142,6 +143,19 @@ class Tracing:
             attributes["gen_ai.request.max_tokens"] = max_tokens
         return self._tracer.start_span(
             f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attributes
+        )
+
+    def start_job(self, job_id: str, operation: str, attempt: int, priority: str) -> Span:
+        """A started CONSUMER span for one run of a queued job; its attempts nest under it."""
+        return self._tracer.start_span(
+            f"job {operation}",
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "headrace.job_id": job_id,
+                "headrace.job.attempt": attempt,
+                "headrace.job.priority": priority,
+                "gen_ai.operation.name": operation,
+            },
         )
 
     @staticmethod

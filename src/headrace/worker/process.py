@@ -69,6 +69,7 @@ def attach_workers(
             retention_s=options.retention_s,
             idle_poll_s=idle_poll_s,
             on_webhook=outbox.nudge,
+            tracing=rt.tracing,
         )
         rt.services.append(runner)
         rt.on_job_submitted = runner.nudge

@@ -41,6 +41,7 @@ from headrace.domain import Call, Job, JobKind, Principal, RequestControls
 from headrace.errors import HeadraceError
 from headrace.events.webhooks import next_retry_delay
 from headrace.gateway.service import GatewayService
+from headrace.observability.tracing import Tracing, failed
 from headrace.queue.base import Completion, Failure, JobQueue
 
 log = structlog.get_logger("headrace")
@@ -75,6 +76,7 @@ class JobRunner:
         rng: random.Random | None = None,
         on_webhook: Callable[[], None] | None = None,
         retention_s: float | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
         self._queue = queue
@@ -91,6 +93,7 @@ class JobRunner:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._on_webhook = on_webhook  # a job ended with a webhook to send (the outbox's nudge)
         self._retention_s = retention_s
+        self._tracing = tracing
         self._next_purge_at = 0.0
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
@@ -302,6 +305,22 @@ class JobRunner:
                 done.set_result(job)
 
     async def _execute(self, job: Job) -> tuple[Mapping[str, Any], int]:
+        """Run the job's request through the gateway: its answer and cost (traced as a job
+        span when tracing is on)."""
+        if self._tracing is None:
+            return await self._answer(job)
+        operation = "chat" if job.kind is JobKind.CHAT else "embeddings"
+        span = self._tracing.start_job(job.id, operation, job.attempts, job.priority.value)
+        try:
+            with Tracing.current(span):
+                return await self._answer(job)
+        except BaseException as exc:
+            failed(span, exc)
+            raise
+        finally:
+            span.end()
+
+    async def _answer(self, job: Job) -> tuple[Mapping[str, Any], int]:
         principal = await self._principal_of(job.key_id)
         if principal is None:
             raise _KeyGone(job.key_id)
