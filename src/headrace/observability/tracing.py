@@ -199,8 +199,9 @@ def failed(span: Span, exc: BaseException) -> None:
 
 
 def trace_headers(headers: dict[str, str]) -> dict[str, str]:
-    """``headers`` plus ``traceparent`` (and ``tracestate``) when a span is current and
-    sampled; the same dict, untouched, otherwise (tracing off costs a context lookup)."""
+    """``headers`` plus ``traceparent`` (and ``tracestate``) when a span is current (sampled
+    or not: the upstream learns the decision); the same dict, untouched, otherwise (tracing
+    off costs a context lookup)."""
     span_context = trace.get_current_span().get_span_context()
     if not span_context.is_valid:
         return headers
