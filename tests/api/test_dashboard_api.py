@@ -59,14 +59,21 @@ async def test_the_script_writes_data_as_text_and_calls_only_gateway_routes(
         'usage("model"',
         'usage("team"',
         "ROUTES.keys",
+        "ROUTES.deployments",
     ]
     routes = re.search(r"const ROUTES = \{(.*?)\};", script, re.S)
     assert routes is not None
     paths = re.findall(r'"(/[^"]+)"', routes.group(1))
-    assert paths == ["/health/ready", "/metrics", "/admin/usage", "/admin/keys"]
+    assert paths == [
+        "/health/ready",
+        "/metrics",
+        "/admin/usage",
+        "/admin/keys",
+        "/admin/deployments",
+    ]
     for path in ("/health/ready", "/metrics"):
         assert (await client.get(path)).status_code == 200
-    for path in ("/admin/usage", "/admin/keys"):
+    for path in ("/admin/usage", "/admin/keys", "/admin/deployments"):
         assert (await client.get(path)).status_code == 401  # the page must send the key
 
 

@@ -113,7 +113,9 @@ def test_the_admin_key_opens_what_the_gateway_holds(
     expect(dash_key).to_contain_text("active")
     expect(page.locator("#process")).to_contain_text("API requests answered since start")
     expect(page.locator("#process")).to_contain_text("2xx")
-    expect(page.locator("#breakers tbody")).to_contain_text("closed")
+    mock = page.locator("#deployments tbody tr", has_text="mock-model/0")
+    expect(mock).to_contain_text("openai_compatible")
+    expect(mock).to_contain_text("closed")
     expect(page.locator("#updated")).to_contain_text("updated")
 
     # Markup in a key's name is shown as its text, and nothing in it runs.

@@ -1,6 +1,12 @@
-"""``/admin/*``: operator routes, admin keys only. Today: the response cache."""
+"""``/admin/*``: operator routes, admin keys only: the response cache and the deployments.
+
+Keys and teams are :mod:`headrace.api.admin_keys`, usage :mod:`headrace.api.usage`, dead
+letters :mod:`headrace.api.jobs`.
+"""
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from fastapi import APIRouter
@@ -67,3 +73,50 @@ async def cache_purge(request: Request) -> Response:
     except CacheUnavailableError as exc:
         raise OverloadedError(f"The cache backend is unavailable: {exc}") from None
     return json_response({"purged": purged, "tags": sorted(tags)})
+
+
+@router.get("/admin/deployments", tags=["admin"])
+async def deployments(request: Request) -> Response:
+    """Every model's deployments as this process sees them: where they point, their load,
+    latency and circuit breaker, and their price. Never a credential."""
+    _, rt = await admin_only(request)
+    router = rt.gateway.router
+    data = []
+    for route in rt.gateway.catalog.routes:
+        for slot in router.slots(route.name):
+            d = slot.deployment
+            latency = slot.latency.value
+            data.append(
+                {
+                    "model": route.name,
+                    "capabilities": sorted(route.capabilities),
+                    "name": d.name,
+                    "provider": d.kind,
+                    "upstream_model": d.model,
+                    "base_url": _without_credentials(d.base_url),
+                    "weight": d.weight,
+                    "max_concurrency": d.max_concurrency,
+                    "in_flight": slot.in_flight,
+                    "latency_ewma_ms": None if latency is None else round(latency * 1000, 3),
+                    "breaker": slot.breaker.state.value,
+                    "price_per_mtok_usd": {
+                        "input": d.price.input_per_mtok / 1_000_000,
+                        "output": d.price.output_per_mtok / 1_000_000,
+                    },
+                }
+            )
+    return json_response({"object": "list", "data": data})
+
+
+def _without_credentials(url: str | None) -> str | None:
+    """``url`` without a ``user:password@`` part, should a deployment's URL carry one."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))

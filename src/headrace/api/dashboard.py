@@ -6,17 +6,17 @@ spend it), and every 5 s reads:
 
 - ``/health/ready``: each dependency's status;
 - ``/metrics``: requests in flight and answered by status, usage records not yet stored and
-  whether they spool, circuit breakers per deployment, queued jobs and their oldest age per
-  priority class;
+  whether they spool, queued jobs and their oldest age per priority class;
 - ``/admin/usage`` grouped by model and by team, for today (UTC): requests, tokens, cost,
   routing savings, cache hits, errors;
-- ``/admin/keys``: each key's team, limits, budget, expiry and state.
+- ``/admin/keys``: each key's team, limits, budget, expiry and state;
+- ``/admin/deployments``: each deployment's provider, load, latency and circuit breaker.
 
 So it shows nothing an admin key could not already read, and what it shows is what the
-gateway process that serves it sees (metrics are per process; usage and keys come from the
-shared store). No build step and no framework: four files in ``dashboard_static/``, loaded
-once; the data is written into the page as text, never as markup
-(docs/adr/0013-dashboard.md).
+gateway process that serves it sees (metrics and deployments are per process; usage and keys
+come from the shared store). No build step and no framework: four files in
+``dashboard_static/``, loaded once; the data is written into the page as text, never as
+markup (docs/adr/0013-dashboard.md).
 """
 
 from __future__ import annotations

@@ -1,17 +1,17 @@
-// Headrace's dashboard: reads /health/ready, /metrics, /admin/usage and /admin/keys every
+// Headrace's dashboard: reads /health/ready, /metrics and the admin API every
 // REFRESH_MS with the admin key kept in this tab's sessionStorage, and writes what it read into
 // the page as text (textContent only: key names and metadata are other people's input).
 "use strict";
 
 const REFRESH_MS = 5000;
 const STORAGE = "headrace-admin-key";
-const BREAKER = { 0: "closed", 1: "half-open", 2: "open" };
 // Every route the page reads; the first two need no key, the others the admin key.
 const ROUTES = {
   health: "/health/ready",
   metrics: "/metrics",
   usage: "/admin/usage",
   keys: "/admin/keys",
+  deployments: "/admin/deployments",
 };
 
 const $ = (id) => document.getElementById(id);
@@ -111,11 +111,6 @@ function renderMetrics(samples) {
     dd.textContent = value;
     list.append(dt, dd);
   }
-  const breakers = samples.filter((s) => s.name === "headrace_breaker_state");
-  fill("breakers", breakers, (s) => {
-    const state = BREAKER[s.value] || String(s.value);
-    return [[s.labels.deployment], [state, state]];
-  }, "no deployment called yet");
   const oldest = {};
   for (const s of samples) {
     if (s.name === "headrace_queue_oldest_age_seconds") oldest[s.labels.priority] = s.value;
@@ -141,6 +136,15 @@ function usageColumns(field) {
   ];
 }
 
+function renderDeployments(deployments) {
+  fill("deployments", deployments, (d) => [
+    [d.model], [d.name], [d.provider], [d.upstream_model],
+    [number(d.in_flight), "num"],
+    [d.latency_ewma_ms === null ? null : d.latency_ewma_ms.toFixed(1), "num"],
+    [d.breaker, d.breaker.replace("_", "-")],
+  ], "no deployments configured");
+}
+
 function renderKeys(keys) {
   const now = Date.now();
   fill("keys", keys, (k) => {
@@ -162,18 +166,20 @@ async function refresh() {
   const today = new Date().toISOString().slice(0, 10);
   const usage = (by) => `${ROUTES.usage}?group_by=${by}&since=${today}&until=${today}`;
   try {
-    const [health, metrics, byModel, byTeam, keys] = await Promise.all([
+    const [health, metrics, byModel, byTeam, keys, deployments] = await Promise.all([
       get(ROUTES.health).then((r) => r.json()),
       get(ROUTES.metrics).then((r) => r.text()),
       get(usage("model"), key).then((r) => r.json()),
       get(usage("team"), key).then((r) => r.json()),
       get(ROUTES.keys, key).then((r) => r.json()),
+      get(ROUTES.deployments, key).then((r) => r.json()),
     ]);
     renderHealth(health);
     renderMetrics(parseMetrics(metrics));
     fill("usage-model", byModel.data || [], usageColumns("model"), "no requests today");
     fill("usage-team", byTeam.data || [], usageColumns("team_id"), "no requests today");
     renderKeys(keys.data || []);
+    renderDeployments(deployments.data || []);
     $("error").hidden = true;
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (error) {
