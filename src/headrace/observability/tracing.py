@@ -160,6 +160,21 @@ class Tracing:
 
     @staticmethod
     @contextmanager
+    def running(span: Span) -> Iterator[None]:
+        """``span`` current inside the block, marked failed by an exception that leaves it,
+        and ended after it."""
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            yield
+        except BaseException as exc:
+            failed(span, exc)
+            raise
+        finally:
+            otel_context.detach(token)
+            span.end()
+
+    @staticmethod
+    @contextmanager
     def current(span: Span) -> Iterator[None]:
         """``span`` is the current span inside the block (in this task only)."""
         token = otel_context.attach(trace.set_span_in_context(span))

@@ -274,13 +274,15 @@ class Router:
         span = self._start_attempt(slot, operation, max_tokens)
         if span is None:
             return await self._timed(slot, work)
-        try:
-            with Tracing.current(span):
-                response = await self._timed(slot, work)
-        except BaseException as exc:
-            _end_attempt(span, exc)
-            raise
-        _end_attempt(span, None, response.usage, response_model(response))
+        with Tracing.running(span):
+            response = await self._timed(slot, work)
+            usage = response.usage
+            answered(
+                span,
+                input_tokens=usage.prompt_tokens,
+                output_tokens=usage.completion_tokens,
+                response_model=response_model(response),
+            )
         return response
 
     def _start_attempt(self, slot: Slot, operation: str, max_tokens: int | None) -> Span | None:
@@ -559,21 +561,13 @@ def response_model(response: ChatResponse | EmbeddingResponse) -> str | None:
 
 
 def _end_attempt(
-    span: Span | None,
-    error: BaseException | None,
-    usage: Usage | None = None,
-    model: str | None = None,
+    span: Span | None, error: BaseException | None, usage: Usage | None = None
 ) -> None:
-    """End an attempt's span (tracing on): failed with ``error``, or with what it used."""
+    """End a streamed attempt's span (tracing on): failed with ``error``, or with its usage."""
     if span is None:
         return
     if error is not None:
         failed(span, error)
     elif usage is not None:
-        answered(
-            span,
-            input_tokens=usage.prompt_tokens,
-            output_tokens=usage.completion_tokens,
-            response_model=model,
-        )
+        answered(span, input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
     span.end()

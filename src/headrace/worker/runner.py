@@ -41,7 +41,7 @@ from headrace.domain import Call, Job, JobKind, Principal, RequestControls
 from headrace.errors import HeadraceError
 from headrace.events.webhooks import next_retry_delay
 from headrace.gateway.service import GatewayService
-from headrace.observability.tracing import Tracing, failed
+from headrace.observability.tracing import Tracing
 from headrace.queue.base import Completion, Failure, JobQueue
 
 log = structlog.get_logger("headrace")
@@ -311,14 +311,8 @@ class JobRunner:
             return await self._answer(job)
         operation = "chat" if job.kind is JobKind.CHAT else "embeddings"
         span = self._tracing.start_job(job.id, operation, job.attempts, job.priority.value)
-        try:
-            with Tracing.current(span):
-                return await self._answer(job)
-        except BaseException as exc:
-            failed(span, exc)
-            raise
-        finally:
-            span.end()
+        with Tracing.running(span):
+            return await self._answer(job)
 
     async def _answer(self, job: Job) -> tuple[Mapping[str, Any], int]:
         principal = await self._principal_of(job.key_id)
