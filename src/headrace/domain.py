@@ -456,6 +456,7 @@ class Job:
     webhook_url: str | None = None
     batch_id: str | None = None
     idempotency_key: str | None = None
+    traceparent: str | None = None  # the submitting request's span (W3C), when traced
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ over OTLP/HTTP."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from headrace.config import ConfigError, DeploymentConfig, ModelConfig, TracingConfig
 from headrace.observability.tracing import Tracing
 from headrace.wiring import build_tracing
+from tests.api.test_batches_api import jsonl, line, start_batch, wait_batch
 from tests.api.test_jobs_api import wait_final
 from tests.conftest import AUTH, GatewayFactory, echo_models
 from tests.sockets import free_port
@@ -281,3 +282,67 @@ async def test_a_queued_job_run_is_a_consumer_span_with_its_attempt_under_it(
     ]
     assert attempt.name == "chat echo-1"
     assert attempt.kind is SpanKind.CLIENT
+
+
+def submitted_by(run: ReadableSpan, spans: Sequence[ReadableSpan]) -> str:
+    """The name of the server span ``run`` links to as its submission (exactly one link)."""
+    [link] = run.links
+    assert link.attributes == {"headrace.link": "submitted"}
+    [submit] = [s for s in spans if s.context.span_id == link.context.span_id]
+    assert submit.context.trace_id == link.context.trace_id
+    assert submit.kind is SpanKind.SERVER
+    assert run.context.trace_id != submit.context.trace_id  # a trace of its own, linked
+    return submit.name
+
+
+async def test_a_jobs_run_links_to_the_request_that_submitted_it(
+    gateway: GatewayFactory,
+) -> None:
+    exporter = InMemorySpanExporter()
+    client, _ = await gateway(jobs=True, tracing=Tracing.exporting(exporter, batch=False))
+    caller = f"00-{TRACE}-{PARENT}-01"
+    accepted = await client.post(
+        "/v1/jobs", json={"body": CHAT}, headers={**AUTH, "traceparent": caller}
+    )
+    job = await wait_final(client, accepted.json()["id"])
+    assert job["status"] == "succeeded"
+    spans = exporter.get_finished_spans()
+    [run] = [s for s in spans if s.kind is SpanKind.CONSUMER]
+    assert submitted_by(run, spans) == "POST /v1/jobs"
+    assert format(run.links[0].context.trace_id, "032x") == TRACE  # the caller's trace
+
+
+async def test_a_batchs_jobs_link_to_the_request_that_created_the_batch(
+    gateway: GatewayFactory,
+) -> None:
+    exporter = InMemorySpanExporter()
+    client, _ = await gateway(jobs=True, tracing=Tracing.exporting(exporter, batch=False))
+    content = jsonl(line("one"), line("two"))
+    batch = await start_batch(client, content)
+    assert (await wait_batch(client, batch["id"]))["status"] == "completed"
+    spans = exporter.get_finished_spans()
+    runs = [s for s in spans if s.kind is SpanKind.CONSUMER]
+    assert len(runs) == 2
+    assert {submitted_by(run, spans) for run in runs} == {"POST /v1/batches"}
+
+
+async def test_a_job_submitted_without_a_trace_runs_without_a_link(
+    gateway: GatewayFactory,
+) -> None:
+    # Submitted while tracing was off (or by a process without it), run by one with it on.
+    client, rt = await gateway(jobs=True)
+    accepted = await client.post("/v1/jobs", json={"body": CHAT}, headers=AUTH)
+    job = await wait_final(client, accepted.json()["id"])
+    assert rt.job_queue is not None
+    stored = await rt.job_queue.get(job["id"])
+    assert stored is not None
+    assert stored.traceparent is None
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.exporting(exporter, batch=False)
+    span = tracing.start_job("job_x", "chat", 1, "normal", stored.traceparent)
+    span.end()
+    [run] = exporter.get_finished_spans()
+    assert run.links == ()
+    garbled = tracing.start_job("job_y", "chat", 1, "normal", "00-not-a-traceparent")
+    garbled.end()
+    assert exporter.get_finished_spans()[-1].links == ()

@@ -154,6 +154,16 @@ async def test_submit_stores_the_job_and_its_first_event(queue: SqlJobQueue) -> 
     assert (event.job_id, event.seq, event.status, event.at) == ("j1", 1, JobStatus.QUEUED, T0)
 
 
+async def test_the_submitting_trace_travels_with_the_job_to_its_worker(
+    queue: SqlJobQueue,
+) -> None:
+    traced = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    await queue.submit(job("one", traceparent=traced))
+    await queue.submit_many([job("two", at=T0 + 1, traceparent=traced), job("three", at=T0 + 2)])
+    claimed = {j.id: j.traceparent for j in await queue.claim("w1", 3, LEASE_S)}
+    assert claimed == {"one": traced, "two": traced, "three": None}
+
+
 async def test_list_is_per_team_newest_first_in_pages(queue: SqlJobQueue) -> None:
     for i in range(5):
         await queue.submit(job(f"a{i}", team="A", at=T0 + i))

@@ -31,6 +31,7 @@ from headrace.errors import (
     OverloadedError,
 )
 from headrace.events.ssrf import validate_webhook_url
+from headrace.observability.tracing import current_traceparent
 from headrace.queue.base import Failure, Idempotency, IdempotencyConflictError, JobQueue, Lease
 from headrace.queue.grouping import GroupCommit
 
@@ -140,6 +141,7 @@ class JobService:
             webhook_url=webhook,
             batch_id=batch_id,
             idempotency_key=idempotency_key,
+            traceparent=current_traceparent(),
         )
 
     async def submit(

@@ -16,7 +16,13 @@ hold ``None``).
   reasons, and ``error.type`` when it failed. HTTP providers send its context upstream as
   ``traceparent`` (:func:`trace_headers`), so an upstream that traces joins the trace.
 - A job run by a worker has no HTTP request: each run is a CONSUMER span ``job {operation}`` (job
-  id, attempt, priority), the root of its own trace, with its upstream attempts under it.
+  id, attempt, priority), the root of its own trace, with its upstream attempts under it. It
+  links to the span of the request that submitted the job (``POST /v1/jobs``, or the batch's
+  ``POST /v1/batches``), whose ``traceparent`` the job keeps (:func:`current_traceparent`): a
+  link rather than a parent, as OpenTelemetry's messaging conventions have it, since a job
+  may run hours later, and more than once. Each run is sampled on its own (by
+  ``sample_ratio``), so with a ratio below 1 a run may be kept whose submission was not, or
+  the other way round.
 
 The API package (``opentelemetry-api``) is a dependency of Headrace; the SDK and the exporter
 are the ``otel`` extra, asked for only when tracing is enabled.
@@ -31,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from headrace import __version__
@@ -40,7 +46,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
-__all__ = ["Tracing", "trace_headers"]
+__all__ = ["Tracing", "current_traceparent", "trace_headers"]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
@@ -145,11 +151,28 @@ class Tracing:
             f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attributes
         )
 
-    def start_job(self, job_id: str, operation: str, attempt: int, priority: str) -> Span:
-        """A started CONSUMER span for one run of a queued job; its attempts nest under it."""
+    def start_job(
+        self,
+        job_id: str,
+        operation: str,
+        attempt: int,
+        priority: str,
+        submitted_in: str | None = None,
+    ) -> Span:
+        """A started CONSUMER span for one run of a queued job; its attempts nest under it.
+        ``submitted_in``: the ``traceparent`` the job was submitted in, which the span links
+        to (ignored when it does not parse)."""
+        links = None
+        if submitted_in:
+            parent = _PROPAGATOR.extract({"traceparent": submitted_in})
+            submitted = trace.get_current_span(parent).get_span_context()
+            if submitted.is_valid:
+                links = [Link(submitted, {"headrace.link": "submitted"})]
         return self._tracer.start_span(
             f"job {operation}",
+            context=otel_context.Context(),  # a root, whatever is current in the runner
             kind=SpanKind.CONSUMER,
+            links=links,
             attributes={
                 "headrace.job_id": job_id,
                 "headrace.job.attempt": attempt,
@@ -211,6 +234,17 @@ def answered(
 def failed(span: Span, exc: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, str(exc)[:500]))
     span.set_attribute("error.type", type(exc).__name__)
+
+
+def current_traceparent() -> str | None:
+    """The current span's W3C ``traceparent`` (None when no span is current: tracing off, or
+    outside a request), for a job to remember where it was submitted."""
+    span_context = trace.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return carrier.get("traceparent")
 
 
 def trace_headers(headers: dict[str, str]) -> dict[str, str]:

@@ -76,6 +76,7 @@ def job_to_row(job: Job, fair_seq: int) -> dict[str, Any]:
         "lease_owner": None,
         "lease_expires_at": None,
         "event_seq": 1,
+        "traceparent": job.traceparent,
     }
 
 
@@ -103,6 +104,7 @@ def row_to_job(row: Row[Any]) -> Job:
         webhook_url=row.webhook_url,
         batch_id=row.batch_id,
         idempotency_key=row.idempotency_key,
+        traceparent=row.traceparent,
     )
 
 

@@ -165,6 +165,7 @@ jobs = Table(
     Column("lease_owner", Text, nullable=True),
     Column("lease_expires_at", Float, nullable=True),
     Column("event_seq", Integer, nullable=False),
+    Column("traceparent", Text, nullable=True),  # revision 0005: the submitting request's span
     Index("ix_jobs_team_id_created_at", "team_id", "created_at"),
     Index("ix_jobs_key_id_created_at", "key_id", "created_at"),
     Index("ix_jobs_batch_id", "batch_id"),

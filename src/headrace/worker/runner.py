@@ -310,7 +310,9 @@ class JobRunner:
         if self._tracing is None:
             return await self._answer(job)
         operation = "chat" if job.kind is JobKind.CHAT else "embeddings"
-        span = self._tracing.start_job(job.id, operation, job.attempts, job.priority.value)
+        span = self._tracing.start_job(
+            job.id, operation, job.attempts, job.priority.value, job.traceparent
+        )
         with Tracing.running(span):
             return await self._answer(job)
 
