@@ -253,6 +253,19 @@ class UsageConfig(_Strict):
     spool_dir: Path | None = Field(
         None, description="Where records wait while the database is down; default data_dir/spool."
     )
+    retention_days: float = Field(
+        0.0,
+        ge=0,
+        description="Per-request records older than this are deleted (the per-day aggregates "
+        "that reports and budgets read are kept); 0 keeps them forever; else at least 1.",
+    )
+
+    @model_validator(mode="after")
+    def _retention_of_a_day_at_least(self) -> UsageConfig:
+        if 0 < self.retention_days < 1:
+            # A record deleted and then replayed from a spool file would be counted twice.
+            raise ValueError("usage.retention_days must be 0 (keep forever) or at least 1")
+        return self
 
 
 class StoreConfig(_Strict):

@@ -18,6 +18,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from headrace.accounting.pricing import PriceTable
+from headrace.accounting.retention import UsagePurger
 from headrace.accounting.tokens import TokenCounter
 from headrace.accounting.usage import UsageWriter
 from headrace.cache.base import FlightLock, ResponseCache
@@ -543,6 +544,7 @@ def build_runtime(
             settings.budgets.alert_webhook_url, http, timeout_s=settings.budgets.alert_timeout_s
         )
     usage = None
+    services: list[Service] = []
     if settings.usage.enabled:
         u = settings.usage
         usage = UsageWriter(
@@ -552,6 +554,8 @@ def build_runtime(
             flush_interval_s=u.flush_interval_s,
             max_buffer=u.max_buffer,
         )
+        if u.retention_days > 0:
+            services.append(UsagePurger(store, u.retention_days * 86_400))
     jobs = job_queue = jobs_options = batches = None
     if validate_job is not None:
         engine = store.engine if isinstance(store, SqlStore) else None
@@ -597,4 +601,5 @@ def build_runtime(
         optional_checks=frozenset(optional),
         cache=cacher.cache if cacher is not None else None,
         tracing=tracing,
+        services=services,
     )

@@ -116,6 +116,12 @@ class UsageStore(Protocol):
         """How many records are stored (tests and the replay check use it)."""
         ...
 
+    async def purge_usage(self, created_before: float, limit: int) -> int:
+        """Delete at most ``limit`` records created before ``created_before`` (Unix time),
+        oldest first, in one transaction; how many. The per-day aggregates stay: reports and
+        budgets read only those. Processes purging at once skip each other's rows."""
+        ...
+
 
 class Store(KeyStore, TeamStore, UsageStore, Protocol):
     """Everything durable the gateway keeps; one backend implements all of it."""

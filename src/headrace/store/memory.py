@@ -138,3 +138,12 @@ class MemoryStore:
 
     async def count_usage_records(self) -> int:
         return len(self._records)
+
+    async def purge_usage(self, created_before: float, limit: int) -> int:
+        old = sorted(
+            (r for r in self._records.values() if r.created_at < created_before),
+            key=lambda r: r.created_at,
+        )[:limit]
+        for record in old:
+            del self._records[record.id]
+        return len(old)

@@ -233,6 +233,19 @@ class SqlStore:
         async with self._engine.connect() as conn:
             return int(await conn.scalar(query) or 0)
 
+    async def purge_usage(self, created_before: float, limit: int) -> int:
+        c = usage_records.c
+        picked = (  # by ix_usage_records_created_at
+            select(c.id)
+            .where(c.created_at < created_before)
+            .order_by(c.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)  # PostgreSQL (SQLite has one writer at a time)
+        )
+        async with self._engine.begin() as conn:  # one statement: SQLite takes its lock once
+            result = await conn.execute(delete(usage_records).where(c.id.in_(picked)))
+        return int(result.rowcount)
+
     async def count_usage_records(self) -> int:
         async with self._engine.connect() as conn:
             return int(await conn.scalar(select(func.count()).select_from(usage_records)) or 0)
