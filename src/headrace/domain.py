@@ -377,6 +377,26 @@ class UsageRecord:
     stream: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """What a caller thought of one answer (``POST /v1/feedback``), kept beside its usage.
+
+    ``request_id`` is the answer's ``X-Request-Id``; ``key_id`` and ``team_id`` are who gave
+    the feedback (the same team as the request's). At least one of ``score``, ``label`` and
+    ``comment`` is set.
+    """
+
+    id: str
+    request_id: str
+    key_id: str
+    team_id: str | None
+    created_at: float  # unix time, UTC
+    score: float | None = None
+    label: str | None = None
+    comment: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
 @dataclass(slots=True)
 class Call:
     """What one request did, filled in as it goes; the API reads it for headers and logs.

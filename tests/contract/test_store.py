@@ -6,10 +6,20 @@ import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from headrace.domain import NO_QUOTA, ApiKey, BudgetPeriod, Quota, Role, Team, UsageRecord
+from headrace.domain import (
+    NO_QUOTA,
+    ApiKey,
+    BudgetPeriod,
+    Feedback,
+    Quota,
+    Role,
+    Team,
+    UsageRecord,
+)
 from headrace.gateway.auth import hash_secret, new_key, new_secret
 from headrace.store.base import Store, UsageRow
 from headrace.store.memory import MemoryStore
@@ -351,3 +361,42 @@ async def test_a_purged_record_written_again_is_stored_again(store: Store) -> No
     await store.write_usage([record("old", at=NOV_27)])
     assert await store.purge_usage(NOV_27 + 1, 100) == 1
     assert await store.write_usage([record("old", at=NOV_27)]) == 1
+
+
+async def test_request_recorded_looks_within_a_team_or_a_key(usage: Store) -> None:
+    # Record "a" is request "req-a" of key k1 in team t1; "d" is key k3's, without a team.
+    assert await usage.request_recorded("req-a")
+    assert await usage.request_recorded("req-a", team_id="t1")
+    assert not await usage.request_recorded("req-a", team_id="t2")
+    assert await usage.request_recorded("req-d", key_id="k3")
+    assert not await usage.request_recorded("req-d", key_id="k1")
+    assert not await usage.request_recorded("req-zzz")
+    # A client's own X-Request-Id may repeat in another team: each team finds its own.
+    await usage.write_usage([record("twin", key_id="k2", team_id="t2")])
+    twin = dataclasses.replace(record("twin2", key_id="k2", team_id="t2"), request_id="req-a")
+    await usage.write_usage([twin])
+    assert await usage.request_recorded("req-a", team_id="t2")
+
+
+def feedback(feedback_id: str, at: float, **fields: Any) -> Feedback:
+    values: dict[str, Any] = {"request_id": "req-a", "key_id": "k1", "team_id": "t1"}
+    values.update(fields)
+    return Feedback(id=feedback_id, created_at=at, **values)
+
+
+async def test_feedback_is_listed_newest_first_by_every_filter(store: Store) -> None:
+    given = [
+        feedback("f1", NOV_27, score=1.0, metadata={"ui": "web"}),
+        feedback("f2", NOV_27 + 1, key_id="k2", label="wrong", comment="no such paper"),
+        feedback("f3", NOV_27 + 2, request_id="req-b", score=-0.25),
+        feedback("f4", NOV_27 + 3, key_id="k3", team_id=None, score=0.0),
+    ]
+    for item in given:
+        await store.add_feedback(item)
+    assert await store.list_feedback() == given[::-1]
+    assert [f.id for f in await store.list_feedback(team_id="t1")] == ["f3", "f2", "f1"]
+    assert [f.id for f in await store.list_feedback(key_id="k3")] == ["f4"]
+    assert [f.id for f in await store.list_feedback(request_id="req-a")] == ["f4", "f2", "f1"]
+    assert [f.id for f in await store.list_feedback(team_id="t1", key_id="k2")] == ["f2"]
+    assert [f.id for f in await store.list_feedback(team_id="t1", limit=2)] == ["f3", "f2"]
+    assert await store.list_feedback(team_id="t9") == []

@@ -141,6 +141,10 @@ class UsageWriter:
         return self._spooling
 
     @property
+    def flush_interval_s(self) -> float:
+        return self._flush_interval_s
+
+    @property
     def spool_dir(self) -> Path:
         return self._spool.directory
 

@@ -39,37 +39,43 @@ async def _summary(
     return json_response(usage_view(rows, group_by))
 
 
-async def _own_scope(
-    store: Store, principal: Principal, query: UsageQuery
+async def own_scope(
+    store: Store,
+    principal: Principal,
+    team_id: str | None,
+    key_id: str | None,
+    what: str = "usage",
 ) -> tuple[str | None, str | None]:
-    """``(team_id, key_id)`` filters that keep ``principal`` inside its own team (or key)."""
+    """``(team_id, key_id)`` filters that keep ``principal`` inside its own team (or, for a
+    key without a team, itself), from the ones asked for; 403 for one that points elsewhere.
+    ``what`` names what is read, in the messages."""
     if principal.team_id is None:
-        if query.team_id is not None:
+        if team_id is not None:
             raise PermissionDeniedError(
-                "This key belongs to no team, so it sees only its own usage; drop team_id.",
+                f"This key belongs to no team, so it sees only its own {what}; drop team_id.",
                 param="team_id",
             )
-        if query.key_id not in (None, principal.key_id):
+        if key_id not in (None, principal.key_id):
             raise PermissionDeniedError(
-                "This key belongs to no team, so it sees only its own usage; drop key_id.",
+                f"This key belongs to no team, so it sees only its own {what}; drop key_id.",
                 param="key_id",
             )
         return None, principal.key_id
-    if query.team_id not in (None, principal.team_id):
+    if team_id not in (None, principal.team_id):
         raise PermissionDeniedError(
-            f"This key sees only its own team's usage ({principal.team_id}); drop team_id or "
-            "ask an administrator (GET /admin/usage).",
+            f"This key sees only its own team's {what} ({principal.team_id}); drop team_id or "
+            "ask an administrator.",
             param="team_id",
         )
-    if query.key_id is not None and query.key_id != principal.key_id:
-        key = await store.get_key(query.key_id)
+    if key_id is not None and key_id != principal.key_id:
+        key = await store.get_key(key_id)
         if key is None or key.team_id != principal.team_id:
             raise PermissionDeniedError(
-                f"key_id {query.key_id!r} is not a key of this key's team "
+                f"key_id {key_id!r} is not a key of this key's team "
                 f"({principal.team_id}); drop it or name one of your team's keys.",
                 param="key_id",
             )
-    return principal.team_id, query.key_id
+    return principal.team_id, key_id
 
 
 @router.get("/admin/usage", tags=["admin"])
@@ -87,5 +93,5 @@ async def own_usage(request: Request) -> Response:
     assert call.principal is not None
     store = runtime(request).store
     query = parse(UsageQuery, dict(request.query_params))
-    team_id, key_id = await _own_scope(store, call.principal, query)
+    team_id, key_id = await own_scope(store, call.principal, query.team_id, query.key_id)
     return await _summary(store, query, team_id=team_id, key_id=key_id)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from headrace.domain import ApiKey, Team, UsageRecord
+from headrace.domain import ApiKey, Feedback, Team, UsageRecord
 
 GroupBy = Literal["key", "team", "model", "day"]
 
@@ -123,5 +123,30 @@ class UsageStore(Protocol):
         ...
 
 
-class Store(KeyStore, TeamStore, UsageStore, Protocol):
+class FeedbackStore(Protocol):
+    async def request_recorded(
+        self, request_id: str, *, team_id: str | None = None, key_id: str | None = None
+    ) -> bool:
+        """Whether a usage record of ``request_id`` is stored (of ``team_id`` and of
+        ``key_id``, those given). Request ids may repeat across teams: a client may send its
+        own ``X-Request-Id``."""
+        ...
+
+    async def add_feedback(self, feedback: Feedback) -> None:
+        """Store ``feedback`` (its id is new)."""
+        ...
+
+    async def list_feedback(
+        self,
+        *,
+        team_id: str | None = None,
+        key_id: str | None = None,
+        request_id: str | None = None,
+        limit: int = 100,
+    ) -> Sequence[Feedback]:
+        """Feedback matching every filter given, newest first, at most ``limit``."""
+        ...
+
+
+class Store(KeyStore, TeamStore, UsageStore, FeedbackStore, Protocol):
     """Everything durable the gateway keeps; one backend implements all of it."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from headrace.domain import ApiKey, Team, UsageRecord
+from headrace.domain import ApiKey, Feedback, Team, UsageRecord
 from headrace.store.aggregates import NO_TEAM, DailyKey, DailyTotals, aggregate, utc_day
 from headrace.store.base import GroupBy, UsageRow
 
@@ -22,6 +22,7 @@ class MemoryStore:
         self._teams: dict[str, Team] = {}
         self._records: dict[str, UsageRecord] = {}
         self._daily: dict[DailyKey, DailyTotals] = {}
+        self._feedback: list[Feedback] = []
 
     async def start(self) -> None:
         return None
@@ -147,3 +148,34 @@ class MemoryStore:
         for record in old:
             del self._records[record.id]
         return len(old)
+
+    async def request_recorded(
+        self, request_id: str, *, team_id: str | None = None, key_id: str | None = None
+    ) -> bool:
+        return any(
+            r.request_id == request_id
+            and (team_id is None or r.team_id == team_id)
+            and (key_id is None or r.key_id == key_id)
+            for r in self._records.values()
+        )
+
+    async def add_feedback(self, feedback: Feedback) -> None:
+        self._feedback.append(feedback)
+
+    async def list_feedback(
+        self,
+        *,
+        team_id: str | None = None,
+        key_id: str | None = None,
+        request_id: str | None = None,
+        limit: int = 100,
+    ) -> Sequence[Feedback]:
+        found = [
+            f
+            for f in self._feedback
+            if (team_id is None or f.team_id == team_id)
+            and (key_id is None or f.key_id == key_id)
+            and (request_id is None or f.request_id == request_id)
+        ]
+        found.sort(key=lambda f: (f.created_at, f.id), reverse=True)
+        return found[:limit]

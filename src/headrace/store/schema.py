@@ -101,6 +101,25 @@ usage_records = Table(
     Column("stream", Boolean, nullable=False),
     Index("ix_usage_records_created_at", "created_at"),
     Index("ix_usage_records_team_id_created_at", "team_id", "created_at"),
+    Index("ix_usage_records_request_id", "request_id"),  # revision 0006: feedback's lookup
+)
+
+# Feedback on answers (revision 0006): who gave it, about which request (a usage record's
+# request_id, of the same team), and what they said.
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("request_id", Text, nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("team_id", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("score", Float, nullable=True),
+    Column("label", Text, nullable=True),
+    Column("comment", Text, nullable=True),
+    Column("metadata", Text, nullable=False),
+    Index("ix_feedback_request_id", "request_id"),
+    Index("ix_feedback_team_id_created_at", "team_id", "created_at"),
 )
 
 # One row per (UTC day, key, team, model); team_id is '' for "no team" so that it can be part

@@ -20,6 +20,7 @@ The two usage statements are built once and run as the driver's SQL
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    insert,
     select,
     text,
     update,
@@ -38,12 +40,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from headrace.domain import ApiKey, BudgetPeriod, Quota, Role, Team, UsageRecord
+from headrace.domain import ApiKey, BudgetPeriod, Feedback, Quota, Role, Team, UsageRecord
 from headrace.store.aggregates import NO_TEAM, aggregate, utc_day
 from headrace.store.base import GroupBy, UsageRow
 from headrace.store.engine import create_engine, is_sqlite
 from headrace.store.migrate import check_engine, upgrade_engine
 from headrace.store.schema import api_keys, teams, usage_daily, usage_records
+from headrace.store.schema import feedback as feedback_table
 from headrace.store.usage_sql import COUNTERS, UsageSql, record_values
 
 _GROUP_COLUMNS = {"day": "day", "key": "key_id", "team": "team_id", "model": "model"}
@@ -246,6 +249,40 @@ class SqlStore:
             result = await conn.execute(delete(usage_records).where(c.id.in_(picked)))
         return int(result.rowcount)
 
+    async def request_recorded(
+        self, request_id: str, *, team_id: str | None = None, key_id: str | None = None
+    ) -> bool:
+        c = usage_records.c
+        found = select(c.id).where(c.request_id == request_id)  # ix_usage_records_request_id
+        if team_id is not None:
+            found = found.where(c.team_id == team_id)
+        if key_id is not None:
+            found = found.where(c.key_id == key_id)
+        async with self._engine.connect() as conn:
+            return bool(await conn.scalar(select(exists(found))))
+
+    async def add_feedback(self, feedback: Feedback) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(insert(feedback_table).values(_feedback_to_row(feedback)))
+
+    async def list_feedback(
+        self,
+        *,
+        team_id: str | None = None,
+        key_id: str | None = None,
+        request_id: str | None = None,
+        limit: int = 100,
+    ) -> Sequence[Feedback]:
+        c = feedback_table.c
+        query = select(feedback_table)
+        for column, value in ((c.team_id, team_id), (c.key_id, key_id), (c.request_id, request_id)):
+            if value is not None:
+                query = query.where(column == value)
+        query = query.order_by(c.created_at.desc(), c.id.desc()).limit(limit)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_row_to_feedback(row) for row in rows]
+
     async def count_usage_records(self) -> int:
         async with self._engine.connect() as conn:
             return int(await conn.scalar(select(func.count()).select_from(usage_records)) or 0)
@@ -351,3 +388,15 @@ def _row_to_team(row: Row[Any]) -> Team:
         metadata=orjson.loads(row.metadata),
         created_at=row.created_at,
     )
+
+
+def _feedback_to_row(feedback: Feedback) -> dict[str, Any]:
+    row = dataclasses.asdict(feedback)
+    row["metadata"] = orjson.dumps(row["metadata"]).decode()
+    return row
+
+
+def _row_to_feedback(row: Row[Any]) -> Feedback:
+    values = dict(row._mapping)
+    values["metadata"] = orjson.loads(values["metadata"])
+    return Feedback(**values)
