@@ -176,3 +176,26 @@ async def test_disconnect_mid_stream_frees_the_model(embedded: tuple[Server, str
         elapsed = time.perf_counter() - started
     assert quick.status_code == 200
     assert elapsed < 5, elapsed
+
+
+def test_feedback_on_a_local_answer_by_its_request_id(embedded: tuple[Server, str, Path]) -> None:
+    # The answer's X-Request-Id, read through the openai SDK; the feedback over plain HTTP
+    # right after, while the answer's usage record may still be in the writer's buffer.
+    server, key, _ = embedded
+    raw = client(server, key).chat.completions.with_raw_response.create(
+        model=CHAT_MODEL, messages=PROMPT, max_tokens=8
+    )
+    assert raw.parse().choices[0].message.content
+    request_id = raw.headers["x-request-id"]
+    auth = {"Authorization": f"Bearer {key}"}
+    given = httpx.post(
+        f"{server.url}/v1/feedback",
+        json={"request_id": request_id, "score": 1, "comment": "short and right"},
+        headers=auth,
+        timeout=30,
+    )
+    assert given.status_code == 201, given.text
+    listed = httpx.get(
+        f"{server.url}/v1/feedback", params={"request_id": request_id}, headers=auth, timeout=30
+    ).json()["data"]
+    assert [(f["score"], f["comment"]) for f in listed] == [(1.0, "short and right")]
