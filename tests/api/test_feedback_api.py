@@ -142,3 +142,26 @@ async def test_feedback_needs_a_key_and_usage_records(gateway: GatewayFactory) -
     )
     assert refused.status_code == 404
     assert refused.json()["error"]["code"] == "feedback_unavailable"
+
+
+async def test_the_admin_key_lists_every_teams_feedback(gateway: GatewayFactory) -> None:
+    client, _ = await gateway()
+    await create_team(client, id="alpha")
+    await create_team(client, id="beta")
+    alpha, beta = (
+        await create_key(client, team_id="alpha"),
+        await create_key(client, team_id="beta"),
+    )
+    for key in (alpha, beta):
+        request_id = await answered(client, key["key"])
+        assert (await give(client, key["key"], request_id=request_id, score=1)).status_code == 201
+    everyone = (await client.get("/admin/feedback", headers=AUTH)).json()["data"]
+    assert [f["team_id"] for f in everyone] == ["beta", "alpha"]
+    only = await client.get("/admin/feedback", params={"team_id": "alpha"}, headers=AUTH)
+    assert [f["key_id"] for f in only.json()["data"]] == [alpha["id"]]
+    assert (await client.get("/admin/feedback", headers=bearer(alpha["key"]))).status_code == 403
+    across = await client.get(
+        "/v1/feedback", params={"team_id": "beta"}, headers=bearer(alpha["key"])
+    )
+    assert across.status_code == 403
+    assert across.json()["error"]["param"] == "team_id"

@@ -5,8 +5,9 @@ a ``score`` (a number: a thumbs up as 1, a rating, an evaluator's metric), a ``l
 ``comment``, plus string ``metadata``. The request must be one of the
 caller's team's (a key without a team, the admin key included: its own), found in the usage
 records. ``GET /v1/feedback`` lists feedback newest first, narrowed as ``/v1/usage`` is: a
-key sees its team's (or, without a team, its own; a ``key_id`` elsewhere is a 403);
-``?request_id=``, ``?key_id=`` and ``?limit=`` (1-1000, default 100) filter.
+key sees its team's (or, without a team, its own; a ``team_id`` or ``key_id`` elsewhere is a
+403); ``?request_id=``, ``?key_id=`` and ``?limit=`` (1-1000, default 100) filter.
+``GET /admin/feedback`` (the admin key) lists every team's, with ``?team_id=`` too.
 
 Usage records reach the database within ``usage.flush_interval_s`` of the answer. A request
 this process answered is flushed before the lookup; one another process answered a moment ago
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from headrace.api.admin import json_response
+from headrace.api.admin import admin_only, json_response
 from headrace.api.admin_wire import parse
 from headrace.api.context import authenticated_call, json_body, runtime
 from headrace.api.usage import own_scope
@@ -54,6 +55,7 @@ class FeedbackBody(BaseModel):
 class FeedbackQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    team_id: str | None = Field(None, min_length=1, max_length=64)
     request_id: str | None = Field(None, min_length=1, max_length=200)
     key_id: str | None = Field(None, min_length=1, max_length=64)
     limit: int = Field(100, ge=1, le=1000)
@@ -139,8 +141,19 @@ async def list_feedback(request: Request) -> Response:
     assert principal is not None
     query = parse(FeedbackQuery, dict(request.query_params))
     store = runtime(request).store
-    team_id, key_id = await own_scope(store, principal, None, query.key_id, "feedback")
+    team_id, key_id = await own_scope(store, principal, query.team_id, query.key_id, "feedback")
     found = await store.list_feedback(
         team_id=team_id, key_id=key_id, request_id=query.request_id, limit=query.limit
+    )
+    return json_response({"object": "list", "data": [view(f) for f in found]})
+
+
+@router.get("/admin/feedback", tags=["admin"])
+async def every_teams_feedback(request: Request) -> Response:
+    """Every team's feedback, newest first (``team_id``, ``key_id``, ``request_id``, ``limit``)."""
+    _, rt = await admin_only(request)
+    query = parse(FeedbackQuery, dict(request.query_params))
+    found = await rt.store.list_feedback(
+        team_id=query.team_id, key_id=query.key_id, request_id=query.request_id, limit=query.limit
     )
     return json_response({"object": "list", "data": [view(f) for f in found]})
