@@ -60,6 +60,7 @@ async def test_the_script_writes_data_as_text_and_calls_only_gateway_routes(
         'usage("team"',
         "ROUTES.keys",
         "ROUTES.deployments",
+        "recent",  # ROUTES.feedback with a limit
     ]
     routes = re.search(r"const ROUTES = \{(.*?)\};", script, re.S)
     assert routes is not None
@@ -70,10 +71,11 @@ async def test_the_script_writes_data_as_text_and_calls_only_gateway_routes(
         "/admin/usage",
         "/admin/keys",
         "/admin/deployments",
+        "/admin/feedback",
     ]
     for path in ("/health/ready", "/metrics"):
         assert (await client.get(path)).status_code == 200
-    for path in ("/admin/usage", "/admin/keys", "/admin/deployments"):
+    for path in ("/admin/usage", "/admin/keys", "/admin/deployments", "/admin/feedback"):
         assert (await client.get(path)).status_code == 401  # the page must send the key
 
 

@@ -57,6 +57,17 @@ def tenant(gateway: Server) -> dict[str, Any]:
             json={"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]},
         )
         answer.raise_for_status()
+        feedback = client.post(
+            "/v1/feedback",
+            headers={"Authorization": f"Bearer {made.json()['key']}"},
+            json={
+                "request_id": answer.headers["x-request-id"],
+                "score": -1,
+                "label": "dash-label",
+                "comment": MARKUP_NAME,
+            },
+        )
+        assert feedback.status_code == 201, feedback.text
     return made.json()
 
 
@@ -121,6 +132,10 @@ def test_the_admin_key_opens_what_the_gateway_holds(
     # Markup in a key's name is shown as its text, and nothing in it runs.
     expect(page.locator("#keys tbody td", has_text="onerror")).to_have_text(MARKUP_NAME)
     assert page.locator("#keys img").count() == 0
+    said = page.locator("#feedback tbody tr", has_text="dash-label")
+    expect(said).to_contain_text("dash-team")
+    expect(said.locator("td", has_text="onerror")).to_have_text(MARKUP_NAME)  # as text
+    assert page.locator("#feedback img").count() == 0
     assert page.title() == "Headrace dashboard"
 
     # The key lives in the tab; "Forget key" drops it and the data with it.

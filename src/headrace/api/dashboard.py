@@ -10,7 +10,8 @@ spend it), and every 5 s reads:
 - ``/admin/usage`` grouped by model and by team, for today (UTC): requests, tokens, cost,
   routing savings, cache hits, errors;
 - ``/admin/keys``: each key's team, limits, budget, expiry and state;
-- ``/admin/deployments``: each deployment's provider, load, latency and circuit breaker.
+- ``/admin/deployments``: each deployment's provider, load, latency and circuit breaker;
+- ``/admin/feedback``: the 20 latest pieces of feedback on answers (score, label, comment).
 
 So it shows nothing an admin key could not already read, and what it shows is what the
 gateway process that serves it sees (metrics and deployments are per process; usage and keys

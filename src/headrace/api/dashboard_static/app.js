@@ -12,7 +12,9 @@ const ROUTES = {
   usage: "/admin/usage",
   keys: "/admin/keys",
   deployments: "/admin/deployments",
+  feedback: "/admin/feedback",
 };
+const FEEDBACK_ROWS = 20;
 
 const $ = (id) => document.getElementById(id);
 let timer = null;
@@ -160,19 +162,28 @@ function renderKeys(keys) {
   }, "no keys yet");
 }
 
+function renderFeedback(feedback) {
+  fill("feedback", feedback, (f) => [
+    [new Date(f.created_at * 1000).toLocaleString()], [f.team_id], [f.key_id], [f.request_id],
+    [f.score, "num"], [f.label], [f.comment],
+  ], "no feedback yet");
+}
+
 async function refresh() {
   const key = sessionStorage.getItem(STORAGE);
   if (!key) return;
   const today = new Date().toISOString().slice(0, 10);
   const usage = (by) => `${ROUTES.usage}?group_by=${by}&since=${today}&until=${today}`;
+  const recent = `${ROUTES.feedback}?limit=${FEEDBACK_ROWS}`;
   try {
-    const [health, metrics, byModel, byTeam, keys, deployments] = await Promise.all([
+    const [health, metrics, byModel, byTeam, keys, deployments, feedback] = await Promise.all([
       get(ROUTES.health).then((r) => r.json()),
       get(ROUTES.metrics).then((r) => r.text()),
       get(usage("model"), key).then((r) => r.json()),
       get(usage("team"), key).then((r) => r.json()),
       get(ROUTES.keys, key).then((r) => r.json()),
       get(ROUTES.deployments, key).then((r) => r.json()),
+      get(recent, key).then((r) => r.json()),
     ]);
     renderHealth(health);
     renderMetrics(parseMetrics(metrics));
@@ -180,6 +191,7 @@ async function refresh() {
     fill("usage-team", byTeam.data || [], usageColumns("team_id"), "no requests today");
     renderKeys(keys.data || []);
     renderDeployments(deployments.data || []);
+    renderFeedback(feedback.data || []);
     $("error").hidden = true;
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (error) {
