@@ -33,7 +33,11 @@ async def test_a_request_that_needs_the_database_while_it_is_down_gets_503(
         # A key this process has not looked up yet: its lookup needs the database.
         down = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
         listed = await client.get("/admin/keys", headers=AUTH)
-    for response in (down, listed):
+        feedback = await client.post(
+            "/v1/feedback", json={"request_id": "r", "score": 1}, headers=AUTH
+        )
+        feedback_listed = await client.get("/v1/feedback", headers=AUTH)
+    for response in (down, listed, feedback, feedback_listed):
         assert response.status_code == 503, response.text
         assert response.headers["retry-after"] == "5"
         error = response.json()["error"]
@@ -41,7 +45,8 @@ async def test_a_request_that_needs_the_database_while_it_is_down_gets_503(
     assert "key store is unreachable" in down.json()["error"]["message"]
     assert "database is unavailable" in listed.json()["error"]["message"]
     events = [e["event"] for e in logs if e["log_level"] in ("warning", "error")]
-    assert events == ["store_unavailable"]  # the admin call's; the key lookup says it in its 503
+    # The admin call's and the two feedback calls'; the key lookup says it in its 503.
+    assert events == ["store_unavailable"] * 3
 
     private_postgres.start()
     answers = [await chat(client, secret) for _ in range(3)]
