@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -124,6 +125,44 @@ def test_keys_teams_and_usage_through_the_cli(gateway: Server) -> None:
     bad = cli(gateway, "keys", "create", "--team", "no-such-team")
     assert bad.returncode == 1
     assert "team_id" in bad.stderr
+
+
+def test_feedback_through_the_cli(gateway: Server) -> None:
+    team = f"e2e-{uuid.uuid4().hex[:8]}"
+    assert cli(gateway, "teams", "create", "--id", team).returncode == 0
+    made = cli(gateway, "keys", "create", "--team", team, "--json")
+    assert made.returncode == 0, made.stderr
+    secret = json.loads(made.stdout)["key"]
+    auth = {"Authorization": f"Bearer {secret}"}
+    with httpx.Client(base_url=gateway.url, headers=auth, timeout=30) as client:
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert answer.status_code == 200, answer.text
+        request_id = answer.headers["x-request-id"]
+        body = {"request_id": request_id, "score": 4, "label": "e2e", "comment": "fine"}
+        assert client.post("/v1/feedback", json=body).status_code == 201
+
+    as_json = cli(gateway, "feedback", "--team", team, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    [given] = json.loads(as_json.stdout)
+    assert (given["request_id"], given["score"], given["label"]) == (request_id, 4.0, "e2e")
+    terminal = cli(gateway, "feedback", "--request-id", request_id)
+    header, row = terminal.stdout.splitlines()
+    assert header.split() == [
+        "created_at",
+        "team_id",
+        "key_id",
+        "request_id",
+        "score",
+        "label",
+        "comment",
+    ]
+    assert row.split()[2:] == [team, given["key_id"], request_id, "4.0", "e2e", "fine"]
+    none = cli(gateway, "feedback", "--team", "no-such-team")
+    assert none.returncode == 0
+    assert "no feedback" in none.stderr
 
 
 def test_migrate_applies_revisions_once(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
-"""Commands that drive a running gateway's admin API: cache, keys, teams, usage."""
+"""Commands that drive a running gateway's admin API: cache, keys, teams, usage, feedback."""
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -377,3 +378,39 @@ def usage(
             [f"{r[c]:.6f}" if c.endswith("_usd") else _cell(r[c]) for c in columns] for r in rows
         ]
         _table([*grouped, *_USAGE_TABLE.values()], cells)
+
+
+_FEEDBACK_COLUMNS = ["created_at", "team_id", "key_id", "request_id", "score", "label", "comment"]
+
+
+@app.command()
+def feedback(
+    team: Annotated[str | None, typer.Option(help="Only this team.")] = None,
+    key: Annotated[str | None, typer.Option(help="Only feedback this key id gave.")] = None,
+    request_id: Annotated[str | None, typer.Option(help="Only on this request.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="The API's JSON.")] = False,
+    url: UrlOption = "http://127.0.0.1:8080",
+    admin_key: AdminKeyOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Feedback on answers (POST /v1/feedback), newest first, every team's."""
+    filters = (("team_id", team), ("key_id", key), ("request_id", request_id))
+    query = {k: v for k, v in filters if v} | {"limit": str(limit)}
+    answer = admin_call(url, admin_key_of(admin_key, config), "GET", "/admin/feedback", query)
+    assert isinstance(answer, dict)
+    if as_json:
+        typer.echo(orjson.dumps(answer["data"], option=orjson.OPT_INDENT_2).decode())
+        return
+    rows: list[dict[str, Any]] = answer["data"]
+    if not rows:
+        typer.echo("no feedback for that selection", err=True)
+        return
+    cells = [
+        [
+            datetime.fromtimestamp(row["created_at"], UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            *(_cell(row[c]) for c in _FEEDBACK_COLUMNS[1:]),
+        ]
+        for row in rows
+    ]
+    _table(_FEEDBACK_COLUMNS, cells)
