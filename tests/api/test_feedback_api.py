@@ -30,6 +30,13 @@ async def listed(client: httpx.AsyncClient, secret: str, **params: Any) -> list[
     return data
 
 
+async def two_teams(client: httpx.AsyncClient) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Teams alpha and beta, and a key of each."""
+    await create_team(client, id="alpha")
+    await create_team(client, id="beta")
+    return await create_key(client, team_id="alpha"), await create_key(client, team_id="beta")
+
+
 async def test_feedback_on_an_answer_just_given_is_kept_and_listed(
     gateway: GatewayFactory,
 ) -> None:
@@ -68,12 +75,7 @@ async def test_a_key_cannot_give_or_see_feedback_outside_its_team(
     gateway: GatewayFactory,
 ) -> None:
     client, _ = await gateway()
-    await create_team(client, id="alpha")
-    await create_team(client, id="beta")
-    alpha, beta = (
-        await create_key(client, team_id="alpha"),
-        await create_key(client, team_id="beta"),
-    )
+    alpha, beta = await two_teams(client)
     loner = await create_key(client)
     theirs = await answered(client, alpha["key"])
     assert (await give(client, alpha["key"], request_id=theirs, score=1)).status_code == 201
@@ -146,12 +148,7 @@ async def test_feedback_needs_a_key_and_usage_records(gateway: GatewayFactory) -
 
 async def test_the_admin_key_lists_every_teams_feedback(gateway: GatewayFactory) -> None:
     client, _ = await gateway()
-    await create_team(client, id="alpha")
-    await create_team(client, id="beta")
-    alpha, beta = (
-        await create_key(client, team_id="alpha"),
-        await create_key(client, team_id="beta"),
-    )
+    alpha, beta = await two_teams(client)
     for key in (alpha, beta):
         request_id = await answered(client, key["key"])
         assert (await give(client, key["key"], request_id=request_id, score=1)).status_code == 201

@@ -33,6 +33,7 @@ from headrace.api.wire import invalid
 from headrace.domain import Feedback, Principal
 from headrace.errors import InvalidRequestError, NotFoundError
 from headrace.ids import unique_id
+from headrace.store.base import Store
 from headrace.wiring import Runtime
 
 router = APIRouter()
@@ -142,10 +143,7 @@ async def list_feedback(request: Request) -> Response:
     query = parse(FeedbackQuery, dict(request.query_params))
     store = runtime(request).store
     team_id, key_id = await own_scope(store, principal, query.team_id, query.key_id, "feedback")
-    found = await store.list_feedback(
-        team_id=team_id, key_id=key_id, request_id=query.request_id, limit=query.limit
-    )
-    return json_response({"object": "list", "data": [view(f) for f in found]})
+    return await _listing(store, query, team_id, key_id)
 
 
 @router.get("/admin/feedback", tags=["admin"])
@@ -153,7 +151,14 @@ async def every_teams_feedback(request: Request) -> Response:
     """Every team's feedback, newest first (``team_id``, ``key_id``, ``request_id``, ``limit``)."""
     _, rt = await admin_only(request)
     query = parse(FeedbackQuery, dict(request.query_params))
-    found = await rt.store.list_feedback(
-        team_id=query.team_id, key_id=query.key_id, request_id=query.request_id, limit=query.limit
+    return await _listing(rt.store, query, query.team_id, query.key_id)
+
+
+async def _listing(
+    store: Store, query: FeedbackQuery, team_id: str | None, key_id: str | None
+) -> Response:
+    """The feedback ``query`` asks for, within ``team_id`` and ``key_id``, as the API's list."""
+    found = await store.list_feedback(
+        team_id=team_id, key_id=key_id, request_id=query.request_id, limit=query.limit
     )
     return json_response({"object": "list", "data": [view(f) for f in found]})

@@ -239,12 +239,7 @@ def failed(span: Span, exc: BaseException) -> None:
 def current_traceparent() -> str | None:
     """The current span's W3C ``traceparent`` (None when no span is current: tracing off, or
     outside a request), for a job to remember where it was submitted."""
-    span_context = trace.get_current_span().get_span_context()
-    if not span_context.is_valid:
-        return None
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier)
-    return carrier.get("traceparent")
+    return trace_headers({}).get("traceparent")
 
 
 def trace_headers(headers: dict[str, str]) -> dict[str, str]:

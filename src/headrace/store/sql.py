@@ -253,11 +253,9 @@ class SqlStore:
         self, request_id: str, *, team_id: str | None = None, key_id: str | None = None
     ) -> bool:
         c = usage_records.c
-        found = select(c.id).where(c.request_id == request_id)  # ix_usage_records_request_id
-        if team_id is not None:
-            found = found.where(c.team_id == team_id)
-        if key_id is not None:
-            found = found.where(c.key_id == key_id)
+        found = select(c.id).where(  # by ix_usage_records_request_id
+            c.request_id == request_id, *_equal(usage_records, team_id=team_id, key_id=key_id)
+        )
         async with self._engine.connect() as conn:
             return bool(await conn.scalar(select(exists(found))))
 
@@ -274,11 +272,12 @@ class SqlStore:
         limit: int = 100,
     ) -> Sequence[Feedback]:
         c = feedback_table.c
-        query = select(feedback_table)
-        for column, value in ((c.team_id, team_id), (c.key_id, key_id), (c.request_id, request_id)):
-            if value is not None:
-                query = query.where(column == value)
-        query = query.order_by(c.created_at.desc(), c.id.desc()).limit(limit)
+        query = (
+            select(feedback_table)
+            .where(*_equal(feedback_table, team_id=team_id, key_id=key_id, request_id=request_id))
+            .order_by(c.created_at.desc(), c.id.desc())
+            .limit(limit)
+        )
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [_row_to_feedback(row) for row in rows]
@@ -301,13 +300,12 @@ def _daily_filters(
         filters.append(c.day >= since_day)
     if until_day is not None:
         filters.append(c.day <= until_day)
-    if team_id is not None:
-        filters.append(c.team_id == team_id)
-    if key_id is not None:
-        filters.append(c.key_id == key_id)
-    if model is not None:
-        filters.append(c.model == model)
-    return filters
+    return filters + _equal(usage_daily, team_id=team_id, key_id=key_id, model=model)
+
+
+def _equal(table: Table, **values: str | None) -> list[ColumnElement[bool]]:
+    """``column == value`` for each value given (not None): optional filters."""
+    return [table.c[name] == value for name, value in values.items() if value is not None]
 
 
 def _quota_to_row(quota: Quota) -> dict[str, Any]:
