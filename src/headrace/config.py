@@ -151,6 +151,17 @@ class ServerConfig(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
     graceful_shutdown_s: float = Field(30.0, ge=0)
+    gc_freeze: bool = Field(
+        True,
+        description="Once started, move every object alive into the collector's permanent "
+        "generation, so that full collections skip it (serve and worker).",
+    )
+    gc_threshold: int = Field(
+        10_000,
+        ge=100,
+        description="Collect young objects after this many more allocations than frees; "
+        "Python's default is 700 (serve and worker).",
+    )
 
 
 class AuthConfig(_Strict):

@@ -128,6 +128,7 @@ class Runtime:
     on_job_submitted: Callable[[], None] | None = None  # wakes an in-process runner
     started_at: int = field(default_factory=lambda: int(time.time()))
     announce_admin_key: Callable[[str, Path], None] | None = None
+    on_started: Callable[[], None] | None = None  # the process's, once everything has started
     tracing: Tracing | None = None
 
     async def start(self) -> None:
@@ -145,6 +146,8 @@ class Runtime:
             self.announce_admin_key(self.new_admin_secret, self.data_dir)
         for service in self.services:
             await service.start()
+        if self.on_started is not None:
+            self.on_started()
 
     async def stop(self) -> None:
         for service in reversed(self.services):

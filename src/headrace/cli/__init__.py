@@ -40,6 +40,7 @@ def serve(
 
     from headrace.api import create_app
     from headrace.api.wire import validate_job
+    from headrace.cli.heap import settled_heap
     from headrace.observability.logging import configure_logging
     from headrace.worker.process import attach_workers
 
@@ -48,6 +49,7 @@ def serve(
     runtime = runtime_from(settings, validate_job=validate_job)
     attach_workers(runtime, run_jobs=settings.jobs.run_in_process)
     runtime.announce_admin_key = _announce_admin_key
+    runtime.on_started = settled_heap(settings)
     application = create_app(runtime)
 
     server_host = host or settings.server.host

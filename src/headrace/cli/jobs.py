@@ -55,6 +55,7 @@ def worker(
     give the rest back to the queue, exit 0.
     """
     from headrace.api.wire import validate_job
+    from headrace.cli.heap import settled_heap
     from headrace.observability.logging import configure_logging
     from headrace.worker.process import attach_workers
     from headrace.worker.runner import IDLE_POLL_S
@@ -63,6 +64,7 @@ def worker(
     configure_logging(settings.log.level, settings.log.format)
     runtime = runtime_from(settings, validate_job=validate_job)
     attach_workers(runtime, run_jobs=True, idle_poll_s=IDLE_POLL_S)
+    runtime.on_started = settled_heap(settings)
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -7,7 +7,17 @@ Names follow the OpenTelemetry GenAI semantic conventions where one exists
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import gc
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 # Overhead is sub-millisecond when healthy; resolve it finely.
 _OVERHEAD_BUCKETS = (
@@ -183,6 +193,16 @@ class Metrics:
             ["priority"],
             registry=r,
         )
+
+        # The process as a whole: CPU, memory, and the collector (cli/heap.py tunes it).
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        self.gc_frozen = Gauge(
+            "headrace_gc_frozen_objects",
+            "Objects in the collector's permanent generation, never walked (server.gc_freeze).",
+            registry=r,
+        )
+        self.gc_frozen.set_function(gc.get_freeze_count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
