@@ -79,6 +79,27 @@ def start(
     raise RuntimeError(f"headrace {args[0]} did not become healthy:\n{server.output()}")
 
 
+def worker(root: Path, config: Path, name: str, concurrency: int) -> Server:
+    """``headrace worker`` (no HTTP API): started once it says it is running."""
+    log = root / f"{name}.log"
+    argv = ["worker", "--config", str(config), "--concurrency", str(concurrency)]
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "headrace", *argv],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HEADRACE_DATA_DIR": str(root / "data")},
+        )
+    server = Server(process, "", log)
+    deadline = time.monotonic() + 60
+    while "headrace worker running" not in server.output():
+        if process.poll() is not None or time.monotonic() > deadline:
+            server.stop(signal.SIGKILL)
+            raise RuntimeError(f"headrace worker did not start:\n{server.output()}")
+        time.sleep(0.1)
+    return server
+
+
 @pytest.fixture(scope="session")
 def mock_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()

@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import ADMIN_KEY, Server, free_port, start
-from tests.e2e.test_jobs_crash import worker
+from tests.e2e.conftest import ADMIN_KEY, Server, free_port, start, worker
 
 pytestmark = pytest.mark.e2e
 

@@ -39,7 +39,7 @@ import pytest
 import sqlalchemy
 
 from tests.conftest import fresh_database
-from tests.e2e.conftest import ADMIN_KEY, Server, free_port, start
+from tests.e2e.conftest import ADMIN_KEY, Server, free_port, start, worker
 from tests.fakes.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -148,27 +148,6 @@ def serve(root: Path, config: Path, name: str) -> Server:
         root / f"{name}.log",
         env={"HEADRACE_ADMIN_KEY": ADMIN_KEY, "HEADRACE_DATA_DIR": str(root / "data")},
     )
-
-
-def worker(root: Path, config: Path, name: str, concurrency: int) -> Server:
-    """``headrace worker`` (no HTTP API): started once it says it is running."""
-    log = root / f"{name}.log"
-    argv = ["worker", "--config", str(config), "--concurrency", str(concurrency)]
-    with log.open("wb") as handle:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "headrace", *argv],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HEADRACE_DATA_DIR": str(root / "data")},
-        )
-    server = Server(process, "", log)
-    deadline = time.monotonic() + 60
-    while "headrace worker running" not in server.output():
-        if process.poll() is not None or time.monotonic() > deadline:
-            server.stop(signal.SIGKILL)
-            raise RuntimeError(f"headrace worker did not start:\n{server.output()}")
-        time.sleep(0.1)
-    return server
 
 
 def kill(server: Server) -> None:
