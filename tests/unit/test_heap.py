@@ -10,6 +10,7 @@ import pytest
 
 from headrace.cli.heap import settle_heap, settled_heap
 from headrace.config import ConfigError, Settings, load_settings
+from headrace.observability.metrics import Metrics
 
 
 @pytest.fixture(autouse=True)
@@ -23,8 +24,8 @@ def collector_restored() -> Iterator[None]:
 def test_it_freezes_what_is_alive_and_sets_the_young_threshold() -> None:
     _, middle, old = gc.get_threshold()
     alive = [[i] for i in range(1000)]  # tracked objects that outlive the call
-    settle_heap(freeze=True, threshold=12_345)
-    assert gc.get_freeze_count() >= len(alive)
+    frozen = settle_heap(freeze=True, threshold=12_345)
+    assert frozen >= gc.get_freeze_count() >= len(alive)
     assert gc.get_threshold() == (12_345, middle, old)
     assert gc.get_count()[0] < 100  # it collected first
 
@@ -47,11 +48,17 @@ def test_garbage_in_cycles_made_after_it_is_still_collected() -> None:
     assert alive < 1000  # the automatic collections took the rest, without gc.collect()
 
 
-def test_the_settings_choose_what_it_does() -> None:
-    hook = settled_heap(Settings(server={"gc_freeze": False, "gc_threshold": 2000}))
-    assert hook.keywords == {"freeze": False, "threshold": 2000}
-    defaults = Settings().server
-    assert (defaults.gc_freeze, defaults.gc_threshold) == (True, 10_000)
+def test_the_settings_choose_what_it_does_and_the_metric_reports_it() -> None:
+    metrics = Metrics()
+    settled_heap(Settings(server={"gc_freeze": False, "gc_threshold": 2000}), metrics)()
+    assert gc.get_threshold()[0] == 2000
+    assert gc.get_freeze_count() == 0
+    assert metrics.registry.get_sample_value("headrace_gc_frozen_objects") == 0
+    settled_heap(Settings(), metrics)()
+    assert gc.get_threshold()[0] == 10_000
+    frozen = metrics.registry.get_sample_value("headrace_gc_frozen_objects")
+    assert frozen is not None
+    assert frozen >= gc.get_freeze_count() > 0  # frozen objects freed since have left it
 
 
 def test_a_threshold_under_100_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -49,7 +49,7 @@ def serve(
     runtime = runtime_from(settings, validate_job=validate_job)
     attach_workers(runtime, run_jobs=settings.jobs.run_in_process)
     runtime.announce_admin_key = _announce_admin_key
-    runtime.on_started = settled_heap(settings)
+    runtime.on_started = settled_heap(settings, runtime.metrics)
     application = create_app(runtime)
 
     server_host = host or settings.server.host

@@ -18,27 +18,36 @@ frees. docs/adr/0015-garbage-collection.md says why.
 
 from __future__ import annotations
 
-import functools
 import gc
+from collections.abc import Callable
 
 import structlog
 
 from headrace.config import Settings
+from headrace.observability.metrics import Metrics
 
 log = structlog.get_logger("headrace")
 
 
-def settle_heap(*, freeze: bool, threshold: int) -> None:
-    """Tune the collector for a process that has finished starting (see the module doc)."""
+def settle_heap(*, freeze: bool, threshold: int) -> int:
+    """Tune the collector for a process that has finished starting (see the module doc);
+    the number of objects frozen."""
     gc.collect()
     if freeze:
         gc.freeze()
+    frozen = gc.get_freeze_count()  # walks them all: once, here
     _, middle, old = gc.get_threshold()
     gc.set_threshold(threshold, middle, old)
-    log.info("heap_settled", frozen_objects=gc.get_freeze_count(), gc_threshold=threshold)
+    log.info("heap_settled", frozen_objects=frozen, gc_threshold=threshold)
+    return frozen
 
 
-def settled_heap(settings: Settings) -> functools.partial[None]:
-    """:func:`settle_heap` as ``settings.server`` asks, for :attr:`Runtime.on_started`."""
+def settled_heap(settings: Settings, metrics: Metrics) -> Callable[[], None]:
+    """:func:`settle_heap` as ``settings.server`` asks, for :attr:`Runtime.on_started`;
+    ``headrace_gc_frozen_objects`` reports what it froze."""
     server = settings.server
-    return functools.partial(settle_heap, freeze=server.gc_freeze, threshold=server.gc_threshold)
+
+    def settle() -> None:
+        metrics.gc_frozen.set(settle_heap(freeze=server.gc_freeze, threshold=server.gc_threshold))
+
+    return settle

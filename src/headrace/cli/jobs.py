@@ -64,7 +64,7 @@ def worker(
     configure_logging(settings.log.level, settings.log.format)
     runtime = runtime_from(settings, validate_job=validate_job)
     attach_workers(runtime, run_jobs=True, idle_poll_s=IDLE_POLL_S)
-    runtime.on_started = settled_heap(settings)
+    runtime.on_started = settled_heap(settings, runtime.metrics)
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -7,8 +7,6 @@ Names follow the OpenTelemetry GenAI semantic conventions where one exists
 
 from __future__ import annotations
 
-import gc
-
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -197,12 +195,13 @@ class Metrics:
         # The process as a whole: CPU, memory, and the collector (cli/heap.py tunes it).
         ProcessCollector(registry=r)
         GCCollector(registry=r)
+        # Set when the process freezes its heap: gc.get_freeze_count() walks every frozen
+        # object (160,000 in a gateway, milliseconds of CPU), too slow for every scrape.
         self.gc_frozen = Gauge(
             "headrace_gc_frozen_objects",
             "Objects in the collector's permanent generation, never walked (server.gc_freeze).",
             registry=r,
         )
-        self.gc_frozen.set_function(gc.get_freeze_count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
