@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
-from aiohttp import web
 
 from headrace.config import DeploymentConfig, JobsConfig, ModelConfig
 from headrace.domain import Role
 from headrace.events.signing import verify
 from headrace.gateway.auth import new_key, new_secret
 from headrace.worker.process import webhook_secret
+from tests.api.conftest import Receiver
 from tests.conftest import AUTH, GatewayFactory, echo_models
 from tests.fakes.recording_store import RecordingStore
 
@@ -156,30 +154,8 @@ async def test_permanent_failures_fail_at_once(gateway: GatewayFactory) -> None:
     assert failed["error"]["code"] == "model_not_found"
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
-    seen: list[tuple[dict[str, str], bytes]] = []
-    failures = [500]  # the first delivery fails, to exercise the retry
-
-    async def hook(request: web.Request) -> web.Response:
-        seen.append((dict(request.headers), await request.read()))
-        if failures:
-            return web.Response(status=failures.pop())
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}/hook", seen
-    await runner.cleanup()
-
-
 async def test_webhook_is_signed_retried_and_has_a_delivery_history(
-    gateway: GatewayFactory, receiver: tuple[str, list[tuple[dict[str, str], bytes]]]
+    gateway: GatewayFactory, receiver: Receiver
 ) -> None:
     url, seen = receiver
     config = JobsConfig(webhooks={"allow_private_targets": True})
@@ -195,6 +171,7 @@ async def test_webhook_is_signed_retried_and_has_a_delivery_history(
         verify(secret, {k.lower(): v for k, v in headers.items()}, body)
     ids = {headers["webhook-id"] for headers, _ in seen}
     assert len(ids) == 1  # one stable event id across retries
+    assert not [h for h, _ in seen if "traceparent" in h]  # tracing off: no trace context
     history = (await client.get(f"/v1/jobs/{job['id']}/deliveries", headers=AUTH)).json()
     assert [(d["attempt"], d["status_code"]) for d in history["data"]] == [(1, 500), (2, 204)]
 

@@ -5,6 +5,8 @@ over OTLP/HTTP."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -16,9 +18,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from headrace.config import ConfigError, DeploymentConfig, ModelConfig, TracingConfig
+from headrace.config import ConfigError, DeploymentConfig, JobsConfig, ModelConfig, TracingConfig
 from headrace.observability.tracing import Tracing
 from headrace.wiring import build_tracing
+from tests.api.conftest import Receiver
 from tests.api.test_batches_api import jsonl, line, start_batch, wait_batch
 from tests.api.test_jobs_api import wait_final
 from tests.conftest import AUTH, GatewayFactory, echo_models
@@ -346,3 +349,58 @@ async def test_a_job_submitted_without_a_trace_runs_without_a_link(
     garbled = tracing.start_job("job_y", "chat", 1, "normal", "00-not-a-traceparent")
     garbled.end()
     assert exporter.get_finished_spans()[-1].links == ()
+
+
+async def test_each_webhook_delivery_is_a_client_span_that_goes_with_the_post(
+    gateway: GatewayFactory, receiver: Receiver
+) -> None:
+    url, seen = receiver  # the first POST gets a 500, the second a 204
+    exporter = InMemorySpanExporter()
+    client, _ = await gateway(
+        jobs=JobsConfig(webhooks={"allow_private_targets": True}),
+        tracing=Tracing.exporting(exporter, batch=False),
+    )
+    caller = f"00-{TRACE}-{PARENT}-01"
+    accepted = await client.post(
+        "/v1/jobs",
+        json={"body": CHAT, "webhook_url": f"{url}?token=s3cret"},
+        headers={**AUTH, "traceparent": caller},
+    )
+    assert (await wait_final(client, accepted.json()["id"]))["status"] == "succeeded"
+    deadline = time.monotonic() + 10
+    while len(deliveries := webhook_spans(exporter)) < 2:
+        assert time.monotonic() < deadline, seen
+        await asyncio.sleep(0.05)
+    spans = exporter.get_finished_spans()
+    first, second = deliveries
+    for number, span in enumerate(deliveries, start=1):
+        assert span.name == "webhook job.succeeded"
+        assert span.kind is SpanKind.CLIENT
+        assert span.parent is None  # a trace of its own, linked to the submission
+        assert submitted_by(span, spans) == "POST /v1/jobs"
+        assert format(span.links[0].context.trace_id, "032x") == TRACE
+        assert span.attributes is not None
+        assert span.attributes["headrace.webhook.attempt"] == number
+        assert span.attributes["headrace.job_id"] == accepted.json()["id"]
+        assert span.attributes["server.address"] == "127.0.0.1"
+        assert "s3cret" not in str(dict(span.attributes))  # the URL's query is not recorded
+    assert first.attributes is not None
+    assert second.attributes is not None
+    assert first.attributes["http.response.status_code"] == 500
+    assert first.attributes["headrace.webhook.outcome"] == "retry"
+    assert first.status.status_code is StatusCode.ERROR
+    assert second.attributes["http.response.status_code"] == 204
+    assert second.attributes["headrace.webhook.outcome"] == "delivered"
+    assert second.status.status_code is StatusCode.UNSET
+    # Each POST carried its own span as traceparent: the receiver's trace continues it.
+    sent = [headers["traceparent"] for headers, _ in seen]
+    assert sent == [
+        f"00-{s.context.trace_id:032x}-{s.context.span_id:016x}-{s.context.trace_flags:02x}"
+        for s in deliveries
+    ]
+
+
+def webhook_spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
+    """The webhook delivery spans that have ended, by attempt."""
+    spans = [s for s in exporter.get_finished_spans() if s.name.startswith("webhook ")]
+    return sorted(spans, key=lambda s: (s.attributes or {}).get("headrace.webhook.attempt", 0))

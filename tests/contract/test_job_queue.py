@@ -164,6 +164,18 @@ async def test_the_submitting_trace_travels_with_the_job_to_its_worker(
     assert claimed == {"one": traced, "two": traced, "three": None}
 
 
+async def test_the_submitting_trace_travels_with_the_jobs_webhook_events(
+    queue: SqlJobQueue,
+) -> None:
+    traced = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    await queue.submit(job("one", webhook_url=HOOK, traceparent=traced))
+    await queue.submit(job("two", at=T0 + 1, webhook_url=HOOK))
+    for claimed in await queue.claim("w1", 2, LEASE_S):
+        await queue.complete(claimed, "w1", {"ok": True}, 1)
+    items = {i.job_id: i.traceparent for i in await queue.due_webhooks(10)}
+    assert items == {"one": traced, "two": None}
+
+
 async def test_list_is_per_team_newest_first_in_pages(queue: SqlJobQueue) -> None:
     for i in range(5):
         await queue.submit(job(f"a{i}", team="A", at=T0 + i))

@@ -38,6 +38,7 @@ from aiohttp.abc import AbstractResolver
 
 from headrace.events.signing import sign
 from headrace.events.ssrf import GuardedResolver, UnsafeWebhookUrlError, validate_webhook_url
+from headrace.observability.tracing import trace_headers
 
 __all__ = [
     "RESPONSE_SNIPPET_BYTES",
@@ -245,6 +246,7 @@ class WebhookSender:
         headers = sign(secret, event_id, math.floor(self._clock()), body)
         headers["Content-Type"] = "application/json"
         headers["User-Agent"] = self._user_agent
+        headers = trace_headers(headers)  # the delivery's span, when tracing is on
         try:
             validate_webhook_url(
                 url, allow_private=self._allow_private, allow_hosts=self._allow_hosts

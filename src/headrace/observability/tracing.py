@@ -23,6 +23,9 @@ hold ``None``).
   may run hours later, and more than once. Each run is sampled on its own (by
   ``sample_ratio``), so with a ratio below 1 a run may be kept whose submission was not, or
   the other way round.
+- Each delivery attempt of a job's webhook event is a CLIENT span ``webhook {event type}``,
+  also a root linked to the job's submission; it goes with the POST as ``traceparent``, so a
+  receiver that traces continues it.
 
 The API package (``opentelemetry-api``) is a dependency of Headrace; the SDK and the exporter
 are the ``otel`` extra, asked for only when tracing is enabled.
@@ -32,8 +35,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -46,7 +50,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
-__all__ = ["Tracing", "current_traceparent", "trace_headers"]
+__all__ = ["Tracing", "current_traceparent", "delivered", "trace_headers"]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
@@ -162,23 +166,51 @@ class Tracing:
         """A started CONSUMER span for one run of a queued job; its attempts nest under it.
         ``submitted_in``: the ``traceparent`` the job was submitted in, which the span links
         to (ignored when it does not parse)."""
-        links = None
-        if submitted_in:
-            parent = _PROPAGATOR.extract({"traceparent": submitted_in})
-            submitted = trace.get_current_span(parent).get_span_context()
-            if submitted.is_valid:
-                links = [Link(submitted, {"headrace.link": "submitted"})]
         return self._tracer.start_span(
             f"job {operation}",
             context=otel_context.Context(),  # a root, whatever is current in the runner
             kind=SpanKind.CONSUMER,
-            links=links,
+            links=_submitted(submitted_in),
             attributes={
                 "headrace.job_id": job_id,
                 "headrace.job.attempt": attempt,
                 "headrace.job.priority": priority,
                 "gen_ai.operation.name": operation,
             },
+        )
+
+    def start_delivery(
+        self,
+        event_type: str,
+        *,
+        event_id: str,
+        job_id: str,
+        attempt: int,
+        url: str,
+        submitted_in: str | None = None,
+    ) -> Span:
+        """A started CLIENT span for one delivery attempt of a webhook event, the root of its
+        own trace, linked to the request that submitted the job (``submitted_in``, its
+        ``traceparent``). Current while the POST goes out (:meth:`running`), it goes with the
+        POST as ``traceparent``; :func:`delivered` says how the attempt ended. The URL's
+        host and port are recorded, never its path or query, which may hold a token."""
+        target = urlsplit(url)
+        attributes: dict[str, Any] = {
+            "http.request.method": "POST",
+            "server.address": target.hostname or "",
+            "headrace.webhook.event_id": event_id,
+            "headrace.webhook.event_type": event_type,
+            "headrace.webhook.attempt": attempt,
+            "headrace.job_id": job_id,
+        }
+        with suppress(ValueError):  # a malformed port: the attempt itself will say so
+            attributes["server.port"] = target.port or (443 if target.scheme == "https" else 80)
+        return self._tracer.start_span(
+            f"webhook {event_type}",
+            context=otel_context.Context(),  # a root, whatever is current in the dispatcher
+            kind=SpanKind.CLIENT,
+            links=_submitted(submitted_in),
+            attributes=attributes,
         )
 
     @staticmethod
@@ -229,6 +261,28 @@ def answered(
     reasons = [r for r in finish_reasons if r]
     if reasons:
         span.set_attribute("gen_ai.response.finish_reasons", reasons)
+
+
+def delivered(span: Span, status_code: int | None, outcome: str, error: str | None) -> None:
+    """How a webhook delivery attempt ended (``outcome``: delivered, retry, failed or gone);
+    one that did not deliver marks the span failed."""
+    if status_code is not None:
+        span.set_attribute("http.response.status_code", status_code)
+    span.set_attribute("headrace.webhook.outcome", outcome)
+    if outcome != "delivered":
+        span.set_status(Status(StatusCode.ERROR, (error or outcome)[:500]))
+        span.set_attribute("error.type", str(status_code) if status_code else outcome)
+
+
+def _submitted(traceparent: str | None) -> list[Link] | None:
+    """A link to the span a job was submitted in (its ``traceparent``), if that parses."""
+    if not traceparent:
+        return None
+    parent = _PROPAGATOR.extract({"traceparent": traceparent})
+    submitted = trace.get_current_span(parent).get_span_context()
+    if not submitted.is_valid:
+        return None
+    return [Link(submitted, {"headrace.link": "submitted"})]
 
 
 def failed(span: Span, exc: BaseException) -> None:

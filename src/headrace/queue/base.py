@@ -106,6 +106,9 @@ class OutboxItem:
     payload: Mapping[str, Any]
     created_at: float
     attempts: int
+    # The job's: the ``traceparent`` of the request that submitted it, which each delivery's
+    # span links to (None: submitted untraced).
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

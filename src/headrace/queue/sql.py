@@ -812,7 +812,16 @@ class SqlJobQueue:
                 .values(leased_until=now + WEBHOOK_LEASE_S)
                 .returning(*webhook_outbox.c)
             )
-        leased = sorted(result, key=lambda r: (r.created_at, r.event_id))
+            leased = sorted(result, key=lambda r: (r.created_at, r.event_id))
+            traceparents: dict[str, str] = {}
+            if leased:  # where each job was submitted, for its deliveries' spans to link to
+                traced = await conn.execute(
+                    select(jobs.c.id, jobs.c.traceparent).where(
+                        jobs.c.id.in_({row.job_id for row in leased}),
+                        jobs.c.traceparent.is_not(None),
+                    )
+                )
+                traceparents = {row.id: row.traceparent for row in traced}
         return [
             OutboxItem(
                 event_id=row.event_id,
@@ -822,6 +831,7 @@ class SqlJobQueue:
                 payload=orjson.loads(row.payload),
                 created_at=row.created_at,
                 attempts=row.attempts,
+                traceparent=traceparents.get(row.job_id),
             )
             for row in leased
         ]

@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 
 import structlog
 
-from headrace.events.webhooks import WebhookSender, next_retry_delay
+from headrace.events.webhooks import DeliveryAttempt, WebhookSender, next_retry_delay
+from headrace.observability.tracing import Tracing, delivered
 from headrace.queue.base import DeliveryRecord, JobQueue, OutboxItem
 
 log = structlog.get_logger("headrace")
@@ -42,6 +43,7 @@ class OutboxDispatcher:
         retry_cap_s: float = 3600.0,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._queue = queue
         self._sender = sender
@@ -54,6 +56,7 @@ class OutboxDispatcher:
         self._retry_cap_s = retry_cap_s
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self._tracing = tracing
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -96,15 +99,21 @@ class OutboxDispatcher:
             wait_s = self._poll_s if self._wake.is_set() else min(wait_s * 2, self._idle_poll_s)
 
     async def _deliver(self, item: OutboxItem) -> None:
-        attempt = await self._sender.deliver(
-            item.url,
-            self._secret,
-            item.event_id,
-            item.event_type,
-            item.payload,
-            created_at=datetime.fromtimestamp(item.created_at, UTC),
-        )
         number = item.attempts + 1
+        if self._tracing is None:
+            attempt = await self._post(item)
+        else:
+            span = self._tracing.start_delivery(
+                item.event_type,
+                event_id=item.event_id,
+                job_id=item.job_id,
+                attempt=number,
+                url=item.url,
+                submitted_in=item.traceparent,
+            )
+            with Tracing.running(span):
+                attempt = await self._post(item)
+                delivered(span, attempt.status_code, attempt.outcome.value, attempt.error)
         next_at: float | None = None
         if not attempt.outcome.final and number < self._max_attempts:
             next_at = self._clock() + next_retry_delay(
@@ -131,4 +140,15 @@ class OutboxDispatcher:
             outcome=attempt.outcome.value,
             status=attempt.status_code,
             retry_at=next_at,
+        )
+
+    async def _post(self, item: OutboxItem) -> DeliveryAttempt:
+        """One attempt at ``item``: its event, signed, POSTed to its URL."""
+        return await self._sender.deliver(
+            item.url,
+            self._secret,
+            item.event_id,
+            item.event_type,
+            item.payload,
+            created_at=datetime.fromtimestamp(item.created_at, UTC),
         )

@@ -54,6 +54,7 @@ def attach_workers(
         sender,
         webhook_secret(rt),
         max_attempts=options.webhook_max_attempts,
+        tracing=rt.tracing,
     )
     runner = None
     if run_jobs:
