@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import os
 import re
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,3 +203,23 @@ def test_feedback_on_a_local_answer_by_its_request_id(embedded: tuple[Server, st
         f"{server.url}/v1/feedback", params={"request_id": request_id}, headers=auth, timeout=30
     ).json()["data"]
     assert [(f["score"], f["comment"]) for f in listed] == [(1.0, "short and right")]
+
+
+def test_bench_with_its_defaults_asks_the_local_model(embedded: tuple[Server, str, Path]) -> None:
+    # No --model and no --key: the embedded default's chat model, the admin key it saved.
+    server, _, data_dir = embedded
+    keys = ("HEADRACE_ADMIN_KEY", "HEADRACE_API_KEY")
+    env = {k: v for k, v in os.environ.items() if k not in keys}
+    options = ["--url", server.url, "--json", "--requests", "3", "--concurrency", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "headrace", "bench", *options, "--max-tokens", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**env, "HEADRACE_DATA_DIR": str(data_dir)},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["model"], summary["ok"]) == (CHAT_MODEL, 3)
+    assert summary["output_tokens"] > 0

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -5,6 +6,7 @@ from typer.testing import CliRunner
 
 from headrace import __version__
 from headrace.cli import app
+from tests.sockets import free_port
 
 runner = CliRunner()
 
@@ -96,3 +98,19 @@ def test_a_worker_admits_as_many_model_calls_as_it_runs_jobs() -> None:
     small = worker_settings(default, 10)  # never lowered
     assert small.router.admission.max_concurrent == default.router.admission.max_concurrent
     assert worker_settings(default, None).jobs.concurrency == default.jobs.concurrency
+
+
+def test_bench_without_a_key_names_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HEADRACE_ADMIN_KEY")
+    result = runner.invoke(app, ["bench", "--url", "http://127.0.0.1:9", "--requests", "1"])
+    assert result.exit_code == 2
+    assert "No admin key: pass --key" in result.output
+
+
+def test_bench_counts_requests_nothing_answered_and_exits_1() -> None:
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = runner.invoke(app, ["bench", "--url", closed, "--requests", "3", "--json"])
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.output)
+    assert (summary["ok"], summary["failed"]) == (0, 3)
+    assert summary["failures"] == {"no answer: ClientConnectorError": 3}

@@ -132,4 +132,4 @@ def main() -> None:
     app()
 
 
-from headrace.cli import admin, batch, jobs  # noqa: E402, F401 - registers their commands
+from headrace.cli import admin, batch, bench, jobs  # noqa: E402, F401 - registers their commands

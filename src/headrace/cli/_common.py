@@ -65,7 +65,9 @@ AdminKeyOption = Annotated[
 ]
 
 
-def admin_key_of(given: str | None, config: Path | None) -> str:
+def admin_key_of(given: str | None, config: Path | None, option: str = "--admin-key") -> str:
+    """``given``, else the admin key saved in the data directory; ``option`` is the command's
+    own way to give a key, named when there is none."""
     if given:
         return given
     path = settings_from(config).data_dir / "admin-key"
@@ -73,7 +75,7 @@ def admin_key_of(given: str | None, config: Path | None) -> str:
         return path.read_text(encoding="utf-8").strip()
     except OSError:
         typer.echo(
-            f"No admin key: pass --admin-key or set HEADRACE_ADMIN_KEY ({path} is unreadable).",
+            f"No admin key: pass {option} or set HEADRACE_ADMIN_KEY ({path} is unreadable).",
             err=True,
         )
         raise typer.Exit(2) from None
