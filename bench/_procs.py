@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 
 from _load import LoadResult, LoadSpec
 
@@ -317,3 +319,36 @@ class LoadHandle:
         event = _read_event(self.proc, time.monotonic() + self.timeout_s)
         assert event.pop("event") == "result", event
         return LoadResult(**event)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def bounded_run(
+    time_limit_s: int, *, prefix: str = "headrace-bench-", on_interrupt: str = "servers stopped"
+) -> Iterator[Path]:
+    """A benchmark's whole run: a working directory of its own, removed after, and a bound.
+
+    SIGINT and SIGTERM interrupt it as Ctrl-C does (the processes registered on the run's
+    ExitStacks are stopped on the way out) and it exits 130 saying ``on_interrupt``; after
+    ``time_limit_s`` it raises :class:`TimeoutError` the same way. The time it took is printed
+    at the end.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGALRM, _out_of_time)
+    signal.alarm(time_limit_s)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        try:
+            yield Path(tmp)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; {on_interrupt}", file=sys.stderr)
+            sys.exit(130)
+    print(f"\n(finished in {time.monotonic() - started:.0f} s)")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _out_of_time(signum: int, frame: FrameType | None) -> None:
+    raise TimeoutError("the benchmark ran past its time limit; its processes were stopped")

@@ -23,13 +23,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-import signal
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -201,14 +197,6 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
     print(table.render())
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _out_of_time(signum: int, frame: FrameType | None) -> None:
-    raise TimeoutError("the benchmark ran past its time limit; its processes were stopped")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests and blocks")
@@ -223,18 +211,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGALRM, _out_of_time)
-    signal.alarm(plan.time_limit_s)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="headrace-bench-") as tmp:
-        try:
-            run(plan, args, Path(tmp))
-        except KeyboardInterrupt:
-            print("\ninterrupted; servers stopped", file=sys.stderr)
-            sys.exit(130)
-    print(f"\n(finished in {time.monotonic() - started:.0f} s)")
+    with _procs.bounded_run(plan.time_limit_s) as workdir:
+        run(plan, args, workdir)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ from collections import Counter
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, cast
 
 import sqlalchemy
@@ -1156,14 +1155,6 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
     print(table.render())
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _out_of_time(signum: int, frame: FrameType | None) -> None:
-    raise TimeoutError("the benchmark ran past its time limit; its processes were stopped")
-
-
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--submitter":
         submitter_main(sys.argv[2], sys.argv[3])
@@ -1203,23 +1194,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGALRM, _out_of_time)
-    signal.alarm(plan.time_limit_s)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="headrace-bench-jobs-") as tmp:
+    with _procs.bounded_run(plan.time_limit_s, prefix="headrace-bench-jobs-") as workdir:
         try:
-            run(plan, args, Path(tmp))
-        except KeyboardInterrupt:
-            print("\ninterrupted; servers stopped", file=sys.stderr)
-            sys.exit(130)
+            run(plan, args, workdir)
         finally:
             if args.logs is not None:
                 args.logs.mkdir(parents=True, exist_ok=True)
-                for log in Path(tmp).glob("*.log"):
+                for log in workdir.glob("*.log"):
                     shutil.copy(log, args.logs)
-    print(f"\n(finished in {time.monotonic() - started:.0f} s)")
 
 
 if __name__ == "__main__":

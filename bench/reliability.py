@@ -33,13 +33,10 @@ import json
 import math
 import os
 import re
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import aiohttp
@@ -554,14 +551,6 @@ def _progress(message: str) -> None:
     print(f"... {message}", file=sys.stderr, flush=True)
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _out_of_time(signum: int, frame: FrameType | None) -> None:
-    raise TimeoutError("the benchmark ran past its time limit; processes are being stopped")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="20 s of steady load instead of 60")
@@ -572,17 +561,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGALRM, _out_of_time)
-    signal.alarm(plan.time_limit_s)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="headrace-reliability-") as tmp:
-        try:
-            run(plan, args, Path(tmp))
-        except KeyboardInterrupt:
-            print("\ninterrupted; servers stopped", file=sys.stderr)
-            sys.exit(130)
-    print(f"\n(finished in {time.monotonic() - started:.0f} s)")
+    with _procs.bounded_run(plan.time_limit_s, prefix="headrace-reliability-") as workdir:
+        run(plan, args, workdir)
 
 
 if __name__ == "__main__":

@@ -30,15 +30,12 @@ import dataclasses
 import datetime
 import os
 import platform
-import signal
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 import sqlalchemy
@@ -583,14 +580,6 @@ def runs_table(runs: list[list[Goal]], combined: list[Goal]) -> Table:
     return table
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _out_of_time(signum: int, frame: FrameType | None) -> None:
-    raise TimeoutError("the benchmark ran past its time limit; its processes were stopped")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests, one writer run")
@@ -645,20 +634,11 @@ def main() -> None:
         plan = dataclasses.replace(
             plan, quiet_budget_s=args.quiet_budget_s, time_limit_s=plan.time_limit_s + extra
         )
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGALRM, _out_of_time)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    signal.alarm(plan.time_limit_s * args.runs)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="headrace-bench-") as tmp:
-        try:
-            run(plan, args, Path(tmp))
-        except KeyboardInterrupt:
-            print("\ninterrupted; servers stopped, database dropped", file=sys.stderr)
-            sys.exit(130)
-    print(f"\n(finished in {time.monotonic() - started:.0f} s)")
+    limit_s = plan.time_limit_s * args.runs
+    with _procs.bounded_run(limit_s, on_interrupt="servers stopped, database dropped") as workdir:
+        run(plan, args, workdir)
 
 
 if __name__ == "__main__":
