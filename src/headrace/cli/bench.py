@@ -153,7 +153,7 @@ async def run_load(load: Load) -> Report:
     report = Report()
     headers = {"Authorization": f"Bearer {load.key}", "Content-Type": "application/json"}
     limit = load.concurrency if load.rate is None else 0  # an open loop: no cap
-    connector = aiohttp.TCPConnector(limit=limit, force_close=False)
+    connector = aiohttp.TCPConnector(limit=limit)
     timeout = aiohttp.ClientTimeout(total=load.timeout_s)
     async with aiohttp.ClientSession(
         connector=connector, headers=headers, timeout=timeout
