@@ -201,9 +201,9 @@ class Launcher:
     workdir: Path
     code: Code
 
-    def _start(self, server: Server) -> Server:
+    def _start(self, server: Server, healthy_within_s: float = 60.0) -> Server:
         self.stack.callback(server.stop)
-        server.wait_healthy()
+        server.wait_healthy(healthy_within_s)
         return server
 
     def mock(self) -> Server:
@@ -212,10 +212,19 @@ class Launcher:
         log = self.workdir / "mock.log"
         return self._start(Server("mock-upstream", argv, port, "/health", log, self.code.env()))
 
-    def gateway(self, name: str, config_yaml: str, *, migrate: bool = False) -> Server:
+    def gateway(
+        self,
+        name: str,
+        config_yaml: str,
+        *,
+        migrate: bool = False,
+        wrapper: tuple[str, ...] = (),
+        healthy_within_s: float = 60.0,
+    ) -> Server:
         """``headrace serve`` with ``config_yaml``; the access log goes to ``<name>.log``, as a
         log shipper would read it. With ``migrate``, ``python -m headrace migrate`` runs on the
-        same configuration first, as a deployment to PostgreSQL does."""
+        same configuration first, as a deployment to PostgreSQL does. ``wrapper`` runs the
+        server under another program (valgrind), which may make it slow to start."""
         config = self.workdir / f"{name}.yaml"
         config.write_text(config_yaml)
         data_dir = self.workdir / f"{name}-data"
@@ -233,9 +242,9 @@ class Launcher:
             if done.returncode != 0:
                 raise RuntimeError(f"headrace migrate failed:\n{done.stdout}{done.stderr}")
         port = free_port()
-        argv = [HEADRACE, "serve", "--config", str(config), "--port", str(port)]
+        argv = [*wrapper, PYTHON, HEADRACE, "serve", "--config", str(config), "--port", str(port)]
         log = self.workdir / f"{name}.log"
-        return self._start(Server(name, argv, port, "/health/live", log, env))
+        return self._start(Server(name, argv, port, "/health/live", log, env), healthy_within_s)
 
 
 def mock_gateway_config(
