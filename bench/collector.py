@@ -65,7 +65,10 @@ def _progress(message: str) -> None:
     print(f"... {message}", file=sys.stderr, flush=True)
 
 
-def scrape(gateway: Server) -> dict[str, float]:
+Scrape = dict[str, float]
+
+
+def scrape(gateway: Server) -> Scrape:
     """The gateway's collections by generation (``gen0``…), frozen objects and requests."""
     text = _procs.http("GET", gateway.url + "/metrics").decode()
     figures = {
@@ -79,12 +82,16 @@ def scrape(gateway: Server) -> dict[str, float]:
     return figures
 
 
+def scrape_all(gateways: dict[str, Server]) -> dict[str, Scrape]:
+    return {side: scrape(gateway) for side, gateway in gateways.items()}
+
+
 def _sample(text: str, pattern: str) -> float:
     match = re.search(rf"^{pattern} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else float("nan")
 
 
-def per_thousand(before: dict[str, float], after: dict[str, float], generation: str) -> float:
+def per_thousand(before: Scrape, after: Scrape, generation: str) -> float:
     requests = after["requests"] - before["requests"]
     done = after[f"gen{generation}"] - before[f"gen{generation}"]
     return 1000.0 * done / requests if requests else float("nan")
@@ -108,7 +115,7 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
         layout.apply(gateways[SIDES[0]], mock)
         targets = [Target("direct", mock, None), *(Target(s, g, g) for s, g in gateways.items())]
         servers = Servers(mock, gateways[SIDES[0]], (gateways[SIDES[1]],))
-        start = {side: scrape(g) for side, g in gateways.items()}
+        start = scrape_all(gateways)
         _progress(f"saturation, {plan.connections} connections")
         quiet.wait()
         sat = saturation(
@@ -120,7 +127,7 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
             warmup_s=plan.warmup_s,
             quiet=quiet,
         )
-        middle = {side: scrape(g) for side, g in gateways.items()}
+        middle = scrape_all(gateways)
         _progress(f"{plan.count} requests per side at {plan.rate:g}/s")
         quiet.wait()
         fixed = open_loop(
@@ -133,7 +140,7 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
             warmup_s=plan.warmup_s,
             quiet=quiet,
         )
-        end = {side: scrape(g) for side, g in gateways.items()}
+        end = scrape_all(gateways)
 
     table = Table(
         f"The collector's settings - non-streamed chat, upstream 0 ms, saturation "
@@ -147,6 +154,14 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
         change = fmt(values[SIDES[1]] - values[SIDES[0]], digits, sign=True)
         table.add(name, direct, *cells, change)
 
+    def collections(before: dict[str, Scrape], after: dict[str, Scrape]) -> None:
+        for generation in GENERATIONS:
+            row(
+                f"  collections of generation {generation} per 1,000 requests",
+                {s: per_thousand(before[s], after[s], generation) for s in SIDES},
+                1,
+            )
+
     row(
         "requests/s at saturation",
         {s: sat[s].requests_per_s for s in SIDES},
@@ -158,12 +173,7 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
         {s: sat[s].cpu_ms_per_request("gateway") for s in SIDES},
         3,
     )
-    for generation in GENERATIONS:
-        row(
-            f"  collections of generation {generation} per 1,000 requests",
-            {s: per_thousand(start[s], middle[s], generation) for s in SIDES},
-            1,
-        )
+    collections(start, middle)
     for q in ("p50", "p99"):
         row(
             f"latency {q} at {plan.rate:g}/s (ms)",
@@ -176,12 +186,7 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
         {s: fixed[s].cpu_ms_per_request("gateway") for s in SIDES},
         3,
     )
-    for generation in GENERATIONS:
-        row(
-            f"  collections of generation {generation} per 1,000 requests",
-            {s: per_thousand(middle[s], end[s], generation) for s in SIDES},
-            1,
-        )
+    collections(middle, end)
     row("frozen objects (headrace_gc_frozen_objects)", {s: end[s]["frozen"] for s in SIDES}, 0)
     row("gateway RSS after the run (MiB)", {s: fixed[s].gateway_rss_mib for s in SIDES}, 1)
     errors = {s: float(sat[s].errors + fixed[s].errors) for s in SIDES}
