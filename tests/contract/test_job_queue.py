@@ -561,6 +561,20 @@ async def test_events_are_in_order_with_details(queue: SqlJobQueue, clock: FakeC
     assert [e.seq for e in await queue.events("j1", after_seq=3)] == [4, 5]
 
 
+async def test_event_seqs_give_each_existing_jobs_latest_event(
+    queue: SqlJobQueue, clock: FakeClock
+) -> None:
+    await queue.submit_many([job("j1"), job("j2")])
+    assert await queue.event_seqs([]) == {}
+    assert await queue.event_seqs(["j1", "j2", "gone"]) == {"j1": 1, "j2": 1}
+    [claimed] = await queue.claim("w1", 1, LEASE_S)
+    await queue.complete(claimed, "w1", {"ok": True}, 1)
+    await queue.cancel("j2")
+    seqs = await queue.event_seqs(["j1", "j2"])
+    assert seqs == {e.job_id: e.seq for j in ("j1", "j2") for e in await queue.events(j)}
+    assert seqs == {"j1": 3, "j2": 2}
+
+
 # -- the webhook outbox -----------------------------------------------------------------------
 
 

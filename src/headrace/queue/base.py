@@ -231,6 +231,11 @@ class JobQueue(Protocol):
 
     async def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]: ...
 
+    async def event_seqs(self, job_ids: Sequence[str]) -> dict[str, int]:
+        """The ``seq`` of each job's latest event, for those of ``job_ids`` that exist (one
+        query: what :class:`~headrace.jobs.watch.JobWatch` polls for every stream open)."""
+        ...
+
     # -- operations ---------------------------------------------------------------------------
 
     async def dead_letters(self, limit: int = 100) -> list[Job]: ...

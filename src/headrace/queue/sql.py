@@ -680,6 +680,14 @@ class SqlJobQueue:
                 for row in result
             ]
 
+    async def event_seqs(self, job_ids: Sequence[str]) -> dict[str, int]:
+        if not job_ids:
+            return {}
+        c = jobs.c
+        async with self._engine.connect() as conn:
+            result = await conn.execute(select(c.id, c.event_seq).where(c.id.in_(list(job_ids))))
+            return {row.id: row.event_seq for row in result}
+
     # -- operations ---------------------------------------------------------------------------
 
     async def dead_letters(self, limit: int = 100) -> list[Job]:
