@@ -63,7 +63,8 @@ async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     started: list[tuple[httpx.AsyncClient, Runtime]] = []
 
     async def factory(**overrides: Any) -> tuple[httpx.AsyncClient, Runtime]:
-        # jobs=True, or jobs=JobsConfig(...): offer /v1/jobs with an in-process runner.
+        # jobs=True, or jobs=JobsConfig(...): offer /v1/jobs with an in-process runner (none
+        # with JobsConfig(run_in_process=False): jobs stay queued, as with no worker running).
         jobs = overrides.pop("jobs", False)
         if not isinstance(jobs, bool):
             overrides["jobs"] = jobs
@@ -76,7 +77,7 @@ async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
             tracing=tracing,
         )
         if jobs:
-            attach_workers(rt)
+            attach_workers(rt, run_jobs=rt.jobs_options is None or rt.jobs_options.run_in_process)
         app = create_app(rt)
         await rt.start()
         client = httpx.AsyncClient(

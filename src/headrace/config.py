@@ -343,6 +343,13 @@ class JobsConfig(_Strict):
     retry_base_s: float = Field(1.0, gt=0)
     retry_cap_s: float = Field(300.0, gt=0)
     idempotency_ttl_s: float = Field(86_400.0, gt=0, description="How long keys are remembered.")
+    events_poll_s: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="While job event streams are open, how often a process reads whether "
+        "their jobs moved (one query for all of them).",
+    )
     retention_days: float = Field(
         30.0,
         ge=0,

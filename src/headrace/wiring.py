@@ -471,7 +471,8 @@ def build_jobs(
         webhook_secret=hooks.signing_secret.get_secret_value() if hooks.signing_secret else None,
         retention_s=config.retention_days * 86_400 if config.retention_days else None,
     )
-    return JobService(queue, validate, policy), queue, options
+    jobs = JobService(queue, validate, policy, events_poll_s=config.events_poll_s)
+    return jobs, queue, options
 
 
 def build_routes(settings: Settings) -> list[ModelRoute]:

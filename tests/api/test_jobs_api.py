@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
+import pytest
 
+from headrace.api import jobs as jobs_api
 from headrace.config import DeploymentConfig, JobsConfig, ModelConfig
-from headrace.domain import Role
+from headrace.domain import JobEvent, Role
 from headrace.events.signing import verify
 from headrace.gateway.auth import new_key, new_secret
 from headrace.worker.process import webhook_secret
@@ -113,6 +116,84 @@ async def test_events_stream_status_changes_until_final(gateway: GatewayFactory)
             if line.startswith("event: "):
                 statuses.append(line.removeprefix("event: "))
     assert statuses == ["job.queued", "job.running", "job.succeeded"]
+
+
+async def _follow(client: httpx.AsyncClient, job_id: str) -> list[str]:
+    """The stream of a job's events, to its end: its event lines and comments."""
+    lines = []
+    async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=AUTH) as events:
+        async for line in events.aiter_lines():
+            if line.startswith(("event: ", ": ")):
+                lines.append(line)
+    return lines
+
+
+async def test_open_streams_share_one_poll_and_read_only_when_their_job_moves(
+    gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, rt = await gateway(jobs=JobsConfig(run_in_process=False))
+    queue = rt.job_queue
+    assert queue is not None
+    reads: list[str] = []
+    polls: list[list[str]] = []
+    events, event_seqs = queue.events, queue.event_seqs
+
+    async def counted_events(job_id: str, after_seq: int = 0) -> list[JobEvent]:
+        reads.append(job_id)
+        return await events(job_id, after_seq)
+
+    async def counted_seqs(job_ids: Sequence[str]) -> dict[str, int]:
+        polls.append(sorted(job_ids))
+        return await event_seqs(job_ids)
+
+    monkeypatch.setattr(queue, "events", counted_events)
+    monkeypatch.setattr(queue, "event_seqs", counted_seqs)
+    ids = sorted([(await submit(client)).json()["id"] for _ in range(10)])
+    streams = [asyncio.ensure_future(_follow(client, job_id)) for job_id in ids]
+    await asyncio.sleep(0.25)
+    polls.clear()
+    await asyncio.sleep(1.0)
+    # Ten idle streams: each read its job's events once, and one poll a turn (0.1 s) asked
+    # for all ten jobs; before, each stream read its job twice every 0.2 s.
+    assert sorted(reads) == ids
+    assert 5 <= len(polls) <= 12
+    assert all(asked == ids for asked in polls)
+    cancelled = await client.post(f"/v1/jobs/{ids[0]}/cancel", headers=AUTH)
+    assert cancelled.json()["status"] == "cancelled"
+    assert await asyncio.wait_for(streams[0], 2) == ["event: job.queued", "event: job.cancelled"]
+    assert reads.count(ids[0]) == 2
+    assert len(reads) == 11  # the others were not woken
+    for job_id in ids[1:]:
+        await client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH)
+    assert all(lines[-1] == "event: job.cancelled" for lines in await asyncio.gather(*streams))
+
+
+async def test_an_idle_stream_sends_keep_alive_comments(
+    gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs_api, "KEEPALIVE_S", 0.1)
+    client, _ = await gateway(jobs=JobsConfig(run_in_process=False))
+    job_id = (await submit(client)).json()["id"]
+    stream = asyncio.ensure_future(_follow(client, job_id))
+    await asyncio.sleep(0.45)
+    await client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH)
+    lines = await asyncio.wait_for(stream, 2)
+    assert lines[0] == "event: job.queued"
+    assert lines[-1] == "event: job.cancelled"
+    assert 3 <= lines.count(": keep-alive") <= 5
+
+
+async def test_a_stream_resumed_after_the_final_event_ends_at_once(
+    gateway: GatewayFactory,
+) -> None:
+    client, _ = await gateway(jobs=JobsConfig(run_in_process=False))
+    job_id = (await submit(client)).json()["id"]
+    await client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH)
+    assert await _follow(client, job_id) == ["event: job.queued", "event: job.cancelled"]
+    resumed = await asyncio.wait_for(
+        client.get(f"/v1/jobs/{job_id}/events", headers={**AUTH, "Last-Event-ID": "2"}), 2
+    )
+    assert (resumed.status_code, resumed.text) == (200, "")
 
 
 async def test_transient_failures_retry_then_dead_letter_and_replay(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -27,7 +26,7 @@ from headrace.wiring import Runtime
 router = APIRouter()
 
 IDEMPOTENCY_HEADER = "idempotency-key"
-EVENTS_POLL_S = 0.2
+KEEPALIVE_S = 15.0  # an SSE comment this often while a job's stream has nothing to say
 
 
 class JobSubmission(BaseModel):
@@ -168,16 +167,24 @@ async def job_deliveries(request: Request, job_id: str) -> Response:
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"])
 async def job_events(request: Request, job_id: str) -> Response:
     """Server-sent events: one ``job.<status>`` event per status change, from the start (or
-    after ``Last-Event-ID``); the stream ends after the final one."""
+    after ``Last-Event-ID``); the stream ends after the final one (at once when resumed past
+    it), or if the job is deleted.
+
+    Between changes the stream waits on the process's :class:`~headrace.jobs.watch.JobWatch`
+    (one poll for every open stream) and sends a comment every :data:`KEEPALIVE_S`, which
+    keeps proxies from closing an idle stream and finds a client that left."""
     principal, jobs, _ = await _caller(request)
-    await jobs.get(principal, job_id)
+    ended = (await jobs.get(principal, job_id)).status.final
     last = request.headers.get("last-event-id", "0")
     after = int(last) if last.isdigit() else 0
 
     async def stream() -> AsyncIterator[bytes]:
         seen = after
         while True:
-            events = await jobs.events(principal, job_id, seen)
+            try:
+                events = await jobs.events(principal, job_id, seen)
+            except NotFoundError:
+                return  # the job was deleted since the stream began
             for event in events:
                 seen = event.seq
                 payload = {
@@ -194,9 +201,11 @@ async def job_events(request: Request, job_id: str) -> Response:
                 )
                 if event.status.final:
                     return
-            if await request.is_disconnected():
+            # A job final before the stream began has nothing more to say (resumed past its end).
+            if ended or await request.is_disconnected():
                 return
-            await asyncio.sleep(EVENTS_POLL_S)
+            if not await jobs.next_event(job_id, seen, KEEPALIVE_S):
+                yield b": keep-alive\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=sse.HEADERS)
 

@@ -31,6 +31,7 @@ from headrace.errors import (
     OverloadedError,
 )
 from headrace.events.ssrf import validate_webhook_url
+from headrace.jobs.watch import POLL_INTERVAL_S, JobWatch
 from headrace.observability.tracing import current_traceparent
 from headrace.queue.base import Failure, Idempotency, IdempotencyConflictError, JobQueue, Lease
 from headrace.queue.grouping import GroupCommit
@@ -84,6 +85,7 @@ class JobService:
         validate: Validate,
         policy: JobPolicy | None = None,
         *,
+        events_poll_s: float = POLL_INTERVAL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._queue = queue
@@ -93,6 +95,7 @@ class JobService:
         self._pending: set[asyncio.Future[None]] = set()
         # Plain submissions (no Idempotency-Key) arriving together share one transaction.
         self._submissions = GroupCommit(self._submit_many, max_batch=SUBMIT_BATCH)
+        self._watch = JobWatch(queue, interval_s=events_poll_s)
 
     @property
     def queue(self) -> JobQueue:
@@ -284,6 +287,11 @@ class JobService:
     async def events(self, principal: Principal, job_id: str, after_seq: int = 0) -> list[JobEvent]:
         await self.get(principal, job_id)
         return await self._queue.events(job_id, after_seq)
+
+    async def next_event(self, job_id: str, after_seq: int, timeout_s: float) -> bool:
+        """Wait until the job has an event after ``after_seq`` (or is gone): True; False
+        after ``timeout_s``. Whoever follows a job waits here, not on a poll of its own."""
+        return await self._watch.changed(job_id, after_seq, timeout_s)
 
 
 class _StoredError(HeadraceError):

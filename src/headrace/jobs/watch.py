@@ -1,0 +1,93 @@
+"""JobWatch: one poll per process for every job that an event stream follows.
+
+``GET /v1/jobs/{id}/events`` streams a job's status changes, which may be made by any process
+(a worker, another gateway). Each open stream used to read its job every 0.2 s, two queries a
+turn: 100 streams of idle jobs kept a gateway at more than a core (bench/job_events.py).
+Streams now wait here instead. While any waits, one query every ``interval_s``
+(:meth:`JobQueue.event_seqs`, up to :data:`IDS_PER_QUERY` jobs each) reads the latest event
+sequence of every job followed, and wakes the waiters whose job moved past what they have
+seen, or is gone; only they read their events. The database's load is then one query per
+``interval_s`` per process, however many streams are open, and a change reaches its streams
+within ``interval_s`` plus a query.
+
+The poll stops when the last waiter leaves and starts again with the next. A failed poll
+(the database down) is logged and tried again at the next turn; a waiter gives up after its
+own timeout, so a stream never hangs on the watch (docs/adr/0010-jobs-and-queue.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from headrace.queue.base import JobQueue
+
+log = structlog.get_logger("headrace")
+
+POLL_INTERVAL_S = 0.1
+IDS_PER_QUERY = 1000
+
+
+class JobWatch:
+    """Wakes waiters when their job has a new event (see the module doc)."""
+
+    def __init__(self, queue: JobQueue, *, interval_s: float = POLL_INTERVAL_S) -> None:
+        if interval_s <= 0:
+            raise ValueError("interval_s must be positive")
+        self._queue = queue
+        self._interval_s = interval_s
+        # job id -> each waiter's future and the last seq it has seen
+        self._waiters: dict[str, dict[asyncio.Future[None], int]] = {}
+        self._poll: asyncio.Task[None] | None = None
+        self.polls = 0  # queries made (for tests and curiosity)
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(w) for w in self._waiters.values())
+
+    async def changed(self, job_id: str, seen_seq: int, timeout_s: float) -> bool:
+        """Wait until ``job_id`` has an event after ``seen_seq``, or no longer exists: True;
+        False when ``timeout_s`` passes first."""
+        future = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(job_id, {})
+        waiters[future] = seen_seq
+        if self._poll is None or self._poll.done():
+            self._poll = asyncio.get_running_loop().create_task(
+                self._polling(), name="headrace-job-watch"
+            )
+        try:
+            async with asyncio.timeout(timeout_s):
+                await future
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            del waiters[future]
+            if not waiters and self._waiters.get(job_id) is waiters:
+                del self._waiters[job_id]
+
+    async def aclose(self) -> None:
+        """Stop polling (waiters then return on their timeouts)."""
+        poll, self._poll = self._poll, None
+        if poll is not None:
+            poll.cancel()
+            await asyncio.gather(poll, return_exceptions=True)
+
+    async def _polling(self) -> None:
+        while self._waiters:
+            await asyncio.sleep(self._interval_s)
+            ids = list(self._waiters)
+            try:
+                latest: dict[str, int] = {}
+                for start in range(0, len(ids), IDS_PER_QUERY):
+                    self.polls += 1
+                    latest.update(await self._queue.event_seqs(ids[start : start + IDS_PER_QUERY]))
+            except Exception as exc:  # the database down: the next turn tries again
+                log.warning("job_watch_failed", error=repr(exc), jobs=len(ids))
+                continue
+            for job_id in ids:
+                seq = latest.get(job_id)
+                for future, seen in self._waiters.get(job_id, {}).items():
+                    if (seq is None or seq > seen) and not future.done():
+                        future.set_result(None)

@@ -1,0 +1,129 @@
+"""JobWatch: one poll for every waiter, woken by a new event or a job that is gone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+import structlog
+
+from headrace.jobs import watch
+from headrace.jobs.watch import JobWatch
+
+TICK_S = 0.01
+
+
+class SeqQueue:
+    """The one query JobWatch makes: latest event seqs, by job id, of the jobs that exist."""
+
+    def __init__(self, **seqs: int) -> None:
+        self.seqs = dict(seqs)
+        self.asked: list[list[str]] = []
+        self.failures = 0
+
+    async def event_seqs(self, job_ids: Sequence[str]) -> dict[str, int]:
+        self.asked.append(list(job_ids))
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("database down")
+        return {i: self.seqs[i] for i in job_ids if i in self.seqs}
+
+
+def watch_of(queue: SeqQueue) -> JobWatch:
+    return JobWatch(queue, interval_s=TICK_S)  # type: ignore[arg-type]
+
+
+async def test_a_new_event_wakes_every_waiter_of_its_job_and_only_them() -> None:
+    queue = SeqQueue(j1=1, j2=1)
+    jobs = watch_of(queue)
+    first = asyncio.ensure_future(jobs.changed("j1", 1, timeout_s=5))
+    second = asyncio.ensure_future(jobs.changed("j1", 1, timeout_s=5))
+    other = asyncio.ensure_future(jobs.changed("j2", 1, timeout_s=5))
+    await asyncio.sleep(TICK_S * 5)
+    assert not first.done()
+    assert not other.done()
+    queue.seqs["j1"] = 2
+    assert await first is True
+    assert await second is True
+    await asyncio.sleep(TICK_S * 3)
+    assert not other.done()
+    assert jobs.waiting == 1
+    other.cancel()
+    await asyncio.gather(other, return_exceptions=True)
+    assert jobs.waiting == 0
+
+
+async def test_a_waiter_behind_the_latest_event_returns_at_the_first_poll() -> None:
+    jobs = watch_of(SeqQueue(j1=3))
+    assert await jobs.changed("j1", 2, timeout_s=5) is True
+
+
+async def test_a_job_that_is_gone_wakes_its_waiters() -> None:
+    queue = SeqQueue(j1=1)
+    jobs = watch_of(queue)
+    waiting = asyncio.ensure_future(jobs.changed("j1", 1, timeout_s=5))
+    await asyncio.sleep(TICK_S * 3)
+    del queue.seqs["j1"]
+    assert await waiting is True
+
+
+async def test_no_change_returns_false_after_the_timeout_and_leaves_nothing_behind() -> None:
+    jobs = watch_of(SeqQueue(j1=1))
+    assert await jobs.changed("j1", 1, timeout_s=TICK_S * 5) is False
+    assert jobs.waiting == 0
+
+
+async def test_one_query_a_turn_for_every_job_followed_and_none_when_nobody_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(watch, "IDS_PER_QUERY", 40)
+    queue = SeqQueue(**{f"j{i}": 1 for i in range(100)})
+    jobs = watch_of(queue)
+    waiters = [
+        asyncio.ensure_future(jobs.changed(f"j{i % 100}", 1, timeout_s=TICK_S * 10))
+        for i in range(300)
+    ]
+    assert await asyncio.gather(*waiters) == [False] * 300
+    # 100 jobs followed by 300 streams: each turn asks for each job once, 40 ids a query.
+    turns = len(queue.asked) // 3
+    assert turns >= 3
+    assert [len(ids) for ids in queue.asked[:3]] == [40, 40, 20]
+    assert sorted(i for ids in queue.asked[:3] for i in ids) == sorted(f"j{i}" for i in range(100))
+    asked = len(queue.asked)
+    await asyncio.sleep(TICK_S * 5)
+    assert len(queue.asked) <= asked + 3  # at most the turn under way when the last left
+    settled = len(queue.asked)
+    await asyncio.sleep(TICK_S * 5)
+    assert len(queue.asked) == settled  # the poll stopped with the last waiter
+    assert await jobs.changed("j1", 0, timeout_s=1) is True  # and starts again with the next
+
+
+async def test_a_failed_poll_is_logged_and_the_next_turn_tries_again() -> None:
+    queue = SeqQueue(j1=2)
+    queue.failures = 2
+    jobs = watch_of(queue)
+    with structlog.testing.capture_logs() as logs:
+        assert await jobs.changed("j1", 1, timeout_s=5) is True
+    assert len(queue.asked) == 3
+    failed = [entry for entry in logs if entry["event"] == "job_watch_failed"]
+    assert len(failed) == 2
+    assert failed[0]["jobs"] == 1
+    assert "database down" in failed[0]["error"]
+
+
+async def test_aclose_stops_the_poll_and_waiters_return_on_their_timeout() -> None:
+    queue = SeqQueue(j1=1)
+    jobs = watch_of(queue)
+    waiting = asyncio.ensure_future(jobs.changed("j1", 1, timeout_s=TICK_S * 20))
+    await asyncio.sleep(TICK_S * 3)
+    await jobs.aclose()
+    asked = len(queue.asked)
+    queue.seqs["j1"] = 2
+    assert await waiting is False
+    assert len(queue.asked) == asked
+
+
+def test_the_interval_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="interval_s"):
+        JobWatch(SeqQueue(), interval_s=0)  # type: ignore[arg-type]
