@@ -7,6 +7,7 @@ SIGTERM ends them all. Servers listen on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -180,6 +181,24 @@ class Code:
         changed = len(_git("status", "--porcelain", "--", "src").splitlines())
         dirty = f" plus {changed} uncommitted changed files in src/" if changed else ""
         return f"Headrace working tree at {commit}{dirty}"
+
+
+def add_revision_options(parser: argparse.ArgumentParser) -> None:
+    """``--baseline`` and ``--commit``, for a benchmark that runs two revisions side by side."""
+    parser.add_argument("--baseline", default="HEAD", help="the revision to compare against")
+    parser.add_argument(
+        "--commit", help="the revision to measure (default: the working tree, as installed)"
+    )
+
+
+def revisions(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[str, Code, Path]]:
+    """``args.baseline``'s code, then ``args.commit``'s (or the working tree's): its label,
+    its :class:`Code` and a working directory of its own in ``workdir`` (``a``, then ``b``)."""
+    for rev, where in ((args.baseline, "a"), (args.commit, "b")):
+        (workdir / where).mkdir()
+        code = Code.at(rev, workdir / where)
+        print(f"{where}: {code.describe()}", flush=True)
+        yield code.commit or "working tree", code, workdir / where
 
 
 def _git(*args: str) -> str:

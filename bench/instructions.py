@@ -145,10 +145,7 @@ def table(sides: dict[str, dict[str, Count]], requests: int) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--baseline", default="HEAD", help="the revision to compare against")
-    parser.add_argument(
-        "--commit", help="the revision to measure (default: the working tree, as installed)"
-    )
+    _procs.add_revision_options(parser)
     parser.add_argument(
         "--requests", type=int, default=300, help="counted requests per gateway (a multiple of 50)"
     )
@@ -158,12 +155,8 @@ def main() -> None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
     with _procs.bounded_run(3600) as workdir:
         sides: dict[str, dict[str, Count]] = {}
-        for rev, where in ((args.baseline, "a"), (args.commit, "b")):
-            (workdir / where).mkdir()
-            code = Code.at(rev, workdir / where)
-            print(f"{where}: {code.describe()}", flush=True)
-            label = code.commit or "working tree"
-            sides[label] = measure(code, workdir / where, args.warmup, args.requests)
+        for label, code, where in _procs.revisions(args, workdir):
+            sides[label] = measure(code, where, args.warmup, args.requests)
         print()
         print(table(sides, args.requests).render())
 
