@@ -12,7 +12,7 @@ import pytest
 
 from headrace.api import jobs as jobs_api
 from headrace.config import DeploymentConfig, JobsConfig, ModelConfig
-from headrace.domain import JobEvent, Role
+from headrace.domain import Job, JobEvent, Role
 from headrace.events.signing import verify
 from headrace.gateway.auth import new_key, new_secret
 from headrace.worker.process import webhook_secret
@@ -294,6 +294,31 @@ async def test_chat_idempotency_key_runs_once_and_replays_the_answer(
         "/v1/chat/completions", json={**CHAT, "temperature": 1}, headers=headers
     )
     assert (other.status_code, other.json()["error"]["code"]) == (409, "idempotency_key_reused")
+
+
+async def test_repeats_of_an_in_flight_request_wait_on_the_watch_not_a_poll_each(
+    gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, rt = await gateway(jobs=True, models=echo_models(delay_s=1.0))
+    queue = rt.job_queue
+    assert queue is not None
+    reads: list[str] = []
+    get = queue.get
+
+    async def counted_get(job_id: str) -> Job | None:
+        reads.append(job_id)
+        return await get(job_id)
+
+    monkeypatch.setattr(queue, "get", counted_get)
+    headers = {**AUTH, "Idempotency-Key": "slow-1"}
+    first = asyncio.ensure_future(client.post("/v1/chat/completions", json=CHAT, headers=headers))
+    await asyncio.sleep(0.2)
+    repeats = [client.post("/v1/chat/completions", json=CHAT, headers=headers) for _ in range(10)]
+    answers = await asyncio.gather(first, *repeats)
+    assert {a.json()["id"] for a in answers} == {answers[0].json()["id"]}
+    # Each repeat read the job when it arrived and once more when the watch woke it; a poll
+    # of its own every 50 ms would have been about 16 reads each.
+    assert len(reads) <= 2 * 10 + 2
 
 
 async def test_chat_idempotency_replays_the_first_error_too(gateway: GatewayFactory) -> None:

@@ -38,7 +38,7 @@ from headrace.queue.grouping import GroupCommit
 
 Validate = Callable[[JobKind, Mapping[str, Any]], None]
 INLINE_LEASE_S = 600.0  # an idempotent request holds its job this long; then workers may take it
-IDEMPOTENT_POLL_S = 0.05  # a repeat of an in-flight request checks this often
+IDEMPOTENT_RECHECK_S = 15.0  # a repeat of an in-flight request reads it again at least this often
 SUBMIT_BATCH = 500  # submissions written in one transaction, at most
 
 
@@ -237,8 +237,12 @@ class JobService:
         return result, False
 
     async def _stored_answer(self, job_id: str) -> Mapping[str, Any]:
+        """The first request's answer (or its error), once it has one: a repeat waits on the
+        watch, as event streams do, not on a poll of its own."""
         deadline = self._clock() + INLINE_LEASE_S
         while True:
+            # The seq before the job: a change between the two reads wakes the wait at once.
+            seq = (await self._queue.event_seqs([job_id])).get(job_id, 0)
             job = await self._queue.get(job_id)
             if job is None:
                 raise NotFoundError("The request with this Idempotency-Key was discarded.")
@@ -246,12 +250,13 @@ class JobService:
                 return job.result
             if job.status.final:
                 raise _stored_error(job)
-            if self._clock() > deadline:
+            left = deadline - self._clock()
+            if left <= 0:
                 raise OverloadedError(
                     "The first request with this Idempotency-Key is still running; retry later.",
                     headers={"Retry-After": "5"},
                 )
-            await asyncio.sleep(IDEMPOTENT_POLL_S)
+            await self._watch.changed(job_id, seq, min(left, IDEMPOTENT_RECHECK_S))
 
     async def get(self, principal: Principal, job_id: str) -> Job:
         job = await self._queue.get(job_id)
