@@ -156,7 +156,7 @@ async def test_open_streams_share_one_poll_and_read_only_when_their_job_moves(
     # Ten idle streams: each read its job's events once, and one poll a turn (0.1 s) asked
     # for all ten jobs; before, each stream read its job twice every 0.2 s.
     assert sorted(reads) == ids
-    assert 5 <= len(polls) <= 12
+    assert 3 <= len(polls) <= 12
     assert all(asked == ids for asked in polls)
     cancelled = await client.post(f"/v1/jobs/{ids[0]}/cancel", headers=AUTH)
     assert cancelled.json()["status"] == "cancelled"
@@ -180,7 +180,7 @@ async def test_an_idle_stream_sends_keep_alive_comments(
     lines = await asyncio.wait_for(stream, 2)
     assert lines[0] == "event: job.queued"
     assert lines[-1] == "event: job.cancelled"
-    assert 3 <= lines.count(": keep-alive") <= 5
+    assert 2 <= lines.count(": keep-alive") <= 5
 
 
 async def test_a_stream_resumed_after_the_final_event_ends_at_once(
