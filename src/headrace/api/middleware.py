@@ -11,7 +11,6 @@ with tracing on, the request's span (:mod:`headrace.observability.tracing`).
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import orjson
 from opentelemetry.trace import Span
@@ -21,7 +20,7 @@ from headrace.domain import Call
 from headrace.errors import ClientClosedError, PayloadTooLargeError
 from headrace.ids import unique_id
 from headrace.observability.access_log import AccessLog
-from headrace.observability.metrics import Metrics
+from headrace.observability.metrics import Children, Metrics
 from headrace.observability.tracing import Tracing
 
 _REQUEST_ID = b"x-request-id"
@@ -73,7 +72,9 @@ class RequestMiddleware:
         self.tracing = tracing
         self.max_body_bytes = max_body_bytes
         self.access_log = AccessLog() if access_log else None
-        self._by_route: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._requests = Children(metrics.requests)
+        self._durations = Children(metrics.request_duration)
+        self._overhead = Children(metrics.overhead)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -158,17 +159,12 @@ class RequestMiddleware:
         path = getattr(route, "path", None) or (
             scope["path"] if "endpoint" in scope else "unmatched"
         )
-        m = self.metrics
-        children = self._by_route.get((path, status))
-        if children is None:  # labels() takes a lock and builds a tuple: once per route/status
-            children = (m.requests.labels(path, str(status)), m.request_duration.labels(path))
-            self._by_route[(path, status)] = children
-        children[0].inc()
-        children[1].observe(elapsed_ns / 1e9)
+        self._requests(path, str(status)).inc()
+        self._durations(path).observe(elapsed_ns / 1e9)
         if call.cache == "hit":
-            m.overhead.labels("cache_hit").observe(elapsed_ns / 1e9)
+            self._overhead("cache_hit").observe(elapsed_ns / 1e9)
         elif call.deployment is not None:
-            m.overhead.labels("total").observe(max(0, elapsed_ns - call.upstream_ns) / 1e9)
+            self._overhead("total").observe(max(0, elapsed_ns - call.upstream_ns) / 1e9)
         trace_id = None
         if span is not None:
             trace_id = _end_span(span, scope["method"], path, status, call)

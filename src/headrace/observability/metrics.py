@@ -7,6 +7,8 @@ Names follow the OpenTelemetry GenAI semantic conventions where one exists
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -52,6 +54,31 @@ _DURATION_BUCKETS = (
 )
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+
+
+class Children(Generic[_Metric]):
+    """A labelled metric's children, each made once per label values.
+
+    ``metric.labels(...)`` checks its arguments, builds a key and takes a lock on every call
+    (about 2 µs here); a request path that records five labelled figures calls this instead,
+    a dictionary lookup. Children are never removed (Headrace removes none), so the cache
+    holds what the metric itself holds.
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: _Metric) -> None:
+        self._metric: _Metric = metric
+        self._children: dict[tuple[str, ...], _Metric] = {}
+
+    def __call__(self, *values: str) -> _Metric:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
