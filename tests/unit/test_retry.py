@@ -3,8 +3,9 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from headrace.providers.hints import RateLimitHints, parse_rate_limit_hints
+from headrace.providers.hints import RateLimitHints, exhausted_for_s, parse_rate_limit_hints
 from headrace.routing.retry import RetryBudget, RetryPolicy
 
 
@@ -182,3 +183,27 @@ def test_parse_rate_limit_hints(headers: dict[str, str], expected: RateLimitHint
 )
 def test_exhausted_for_s(hints: RateLimitHints, expected: float | None) -> None:
     assert hints.exhausted_for_s == expected
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"x-ratelimit-remaining-requests": "59", "x-ratelimit-reset-requests": "1s"},
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"},
+        {"X-RateLimit-Remaining-Tokens": " 0 ", "X-RateLimit-Reset-Tokens": "6m0s"},
+        {
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-remaining-tokens": "00",
+            "x-ratelimit-reset-requests": "2s",
+            "x-ratelimit-reset-tokens": "1s",
+        },
+        {"x-ratelimit-remaining-requests": "0"},  # exhausted, no reset given
+        {"x-ratelimit-remaining-tokens": "lots", "x-ratelimit-reset-tokens": "1s"},
+        {"x-ratelimit-remaining-requests": "-0", "x-ratelimit-reset-requests": "1s"},
+    ],
+)
+def test_exhausted_for_s_from_headers_agrees_with_the_full_parse(headers: dict[str, str]) -> None:
+    expected = parse_rate_limit_hints(headers).exhausted_for_s
+    assert exhausted_for_s(headers) == expected
+    assert exhausted_for_s(CIMultiDictProxy(CIMultiDict(headers))) == expected

@@ -16,7 +16,8 @@ from headrace.wiring import Runtime
 
 PRIORITY_HEADER = "x-headrace-priority"
 FALLBACKS_HEADER = "x-headrace-fallbacks"
-_CONTROL_HEADERS = frozenset({PRIORITY_HEADER, FALLBACKS_HEADER})
+_PRIORITY, _FALLBACKS = PRIORITY_HEADER.encode(), FALLBACKS_HEADER.encode()
+_CONTROL_HEADERS = frozenset({_PRIORITY, _FALLBACKS})
 
 
 def runtime(request: Request) -> Runtime:
@@ -34,11 +35,24 @@ def controls(request: Request, default_priority: str | None = None) -> RequestCo
     normal); ``X-Headrace-Fallbacks: none`` disables the fallback chain (and the degraded
     answer), a comma-separated list of models narrows it.
     """
-    headers = request.headers
+    # One pass over the raw headers (ASGI names are lowercase bytes): Starlette's
+    # ``Headers.get`` scans and decodes them all for each name asked, and this runs on every
+    # request. The first of a repeated control header counts, as ``Headers.get`` has it.
+    found: dict[bytes, str] = {}
+    hints: dict[str, str] = {}
+    for name, value in request.scope["headers"]:
+        if name.startswith(b"x-headrace-"):
+            text = value.decode("latin-1")
+            if name in _CONTROL_HEADERS:
+                found.setdefault(name, text)
+            else:
+                hints[name.decode("latin-1")] = text
+        elif name == b"cache-control":
+            found.setdefault(name, value.decode("latin-1"))
     priority = Priority.NORMAL
     if default_priority is not None and default_priority in Priority._value2member_map_:
         priority = Priority(default_priority)
-    raw = headers.get(PRIORITY_HEADER)
+    raw = found.get(_PRIORITY)
     if raw:
         try:
             priority = Priority(raw.strip().lower())
@@ -48,19 +62,14 @@ def controls(request: Request, default_priority: str | None = None) -> RequestCo
                 param="X-Headrace-Priority",
             ) from None
     fallbacks: tuple[str, ...] | None = None
-    raw = headers.get(FALLBACKS_HEADER)
+    raw = found.get(_FALLBACKS)
     if raw is not None:
         names = tuple(n.strip() for n in raw.split(",") if n.strip())
         fallbacks = () if names in ((), ("none",)) else names
-    hints = {
-        name: value
-        for name, value in headers.items()
-        if name.startswith("x-headrace-") and name not in _CONTROL_HEADERS
-    }
     return RequestControls(
         priority=priority,
         fallbacks=fallbacks,
-        cache=cache_control(headers.get("cache-control")),
+        cache=cache_control(found.get(b"cache-control")),
         hints=hints,
     )
 

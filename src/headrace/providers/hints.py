@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
-__all__ = ["RateLimitHints", "parse_rate_limit_hints"]
+from multidict import CIMultiDict, CIMultiDictProxy
+
+__all__ = ["RateLimitHints", "exhausted_for_s", "parse_rate_limit_hints"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,20 @@ def parse_rate_limit_hints(
         reset_tokens_s=_parse_duration(lower.get("x-ratelimit-reset-tokens")),
         retry_after_s=retry_after_s,
     )
+
+
+def exhausted_for_s(headers: Mapping[str, str]) -> float | None:
+    """``parse_rate_limit_hints(headers).exhausted_for_s``, read on every answer: the two
+    ``x-ratelimit-remaining-*`` headers first, and the rest only when one of them is 0, so
+    the usual answer costs two lookups (aiohttp's headers match names case-insensitively;
+    another mapping is lowercased first)."""
+    if not isinstance(headers, CIMultiDict | CIMultiDictProxy):
+        headers = {name.lower(): value for name, value in headers.items()}
+    for name in ("x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"):
+        value = headers.get(name)
+        if value is not None and _parse_count(value.strip()) == 0:
+            return parse_rate_limit_hints(headers).exhausted_for_s
+    return None
 
 
 def _parse_count(value: str | None) -> int | None:

@@ -32,7 +32,7 @@ from headrace.errors import (
     UpstreamUnavailableError,
 )
 from headrace.observability.tracing import trace_headers
-from headrace.providers.hints import parse_rate_limit_hints
+from headrace.providers.hints import exhausted_for_s, parse_rate_limit_hints
 from headrace.providers.http import transport_error
 from headrace.providers.registry import ProviderContext
 
@@ -152,7 +152,7 @@ class OpenAICompatibleProvider:
             ) as response:
                 await self._raise_for_status(response)
                 raw = await response.read()
-                exhausted = parse_rate_limit_hints(response.headers).exhausted_for_s
+                exhausted = exhausted_for_s(response.headers)
         except UpstreamError:
             raise
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -191,7 +191,7 @@ class OpenAICompatibleProvider:
                 timeout=self._stream_timeout,
             ) as response:
                 await self._raise_for_status(response)
-                exhausted = parse_rate_limit_hints(response.headers).exhausted_for_s
+                exhausted = exhausted_for_s(response.headers)
                 first_token_s = self._deployment.timeouts.first_token_s
                 lines = response.content.__aiter__()
                 async with asyncio.timeout(first_token_s):
