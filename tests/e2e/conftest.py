@@ -79,6 +79,18 @@ def start(
     raise RuntimeError(f"headrace {args[0]} did not become healthy:\n{server.output()}")
 
 
+def serve(config: Path, log: Path, data_dir: Path, env: dict[str, str] | None = None) -> Server:
+    """``headrace serve --config CONFIG`` on a free port with the e2e admin key and its data in
+    ``data_dir``, once ``/health/live`` answers; ``env`` adds to (or overrides) that."""
+    port = free_port()
+    return start(
+        ["serve", "--config", str(config), "--port", str(port)],
+        f"http://127.0.0.1:{port}/health/live",
+        log,
+        env={"HEADRACE_ADMIN_KEY": ADMIN_KEY, "HEADRACE_DATA_DIR": str(data_dir), **(env or {})},
+    )
+
+
 def worker(root: Path, config: Path, name: str, concurrency: int) -> Server:
     """``headrace worker`` (no HTTP API): started once it says it is running."""
     log = root / f"{name}.log"
@@ -154,14 +166,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, mock_upstream: Server) -> 
     root = tmp_path_factory.mktemp("gateway")
     config = root / "headrace.yaml"
     config.write_text(gateway_config(mock_upstream.url))
-    port = free_port()
-    server = start(
-        ["serve", "--config", str(config), "--port", str(port)],
-        f"http://127.0.0.1:{port}/health/live",
+    server = serve(
+        config,
         root / "serve.log",
-        env={
-            "HEADRACE_ADMIN_KEY": ADMIN_KEY,
-            "HEADRACE_DATA_DIR": str(root / "data"),
+        root / "data",
+        {
             "HEADRACE_E2E_UPSTREAM_KEY": "sk-upstream-secret-never-shown",
             "HEADRACE_SERVER__MAX_BODY_BYTES": "65536",
         },

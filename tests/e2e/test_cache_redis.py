@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import ADMIN_KEY, Server, free_port, start
+from tests.e2e.conftest import ADMIN_KEY, Server, free_port
+from tests.e2e.conftest import serve as e2e_serve
 
 pytestmark = pytest.mark.e2e
 
@@ -36,13 +37,7 @@ models:
 def serve(root: Path, name: str, text: str) -> Server:
     path = root / f"{name}.yaml"
     path.write_text(text)
-    port = free_port()
-    return start(
-        ["serve", "--config", str(path), "--port", str(port)],
-        f"http://127.0.0.1:{port}/health/live",
-        root / f"{name}.log",
-        env={"HEADRACE_ADMIN_KEY": ADMIN_KEY, "HEADRACE_DATA_DIR": str(root / name)},
-    )
+    return e2e_serve(path, root / f"{name}.log", root / name)
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import ADMIN_KEY, Server, free_port, start, worker
+from tests.e2e.conftest import ADMIN_KEY, Server, worker
+from tests.e2e.conftest import serve as e2e_serve
 
 pytestmark = pytest.mark.e2e
 
@@ -47,13 +48,7 @@ def settled(server: Server) -> dict[str, object]:
 def serve(root: Path, env: dict[str, str]) -> Server:
     config = root / "headrace.yaml"
     config.write_text(ECHO)
-    port = free_port()
-    return start(
-        ["serve", "--config", str(config), "--port", str(port)],
-        f"http://127.0.0.1:{port}/health/live",
-        root / "serve.log",
-        env={"HEADRACE_ADMIN_KEY": ADMIN_KEY, "HEADRACE_DATA_DIR": str(root / "data"), **env},
-    )
+    return e2e_serve(config, root / "serve.log", root / "data", env)
 
 
 def test_the_gateway_freezes_its_start_up_objects_and_raises_the_threshold(

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import fresh_database
-from tests.e2e.conftest import ADMIN_KEY, Server, free_port, start, worker
+from tests.e2e.conftest import ADMIN_KEY, Server, serve, worker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -78,13 +78,7 @@ async def test_streams_follow_the_jobs_a_worker_process_runs(
     tmp_path: Path, mock_upstream: Server, database: str | None
 ) -> None:
     config = _config(tmp_path, mock_upstream, database)
-    port = free_port()
-    gateway = start(
-        ["serve", "--config", str(config), "--port", str(port)],
-        f"http://127.0.0.1:{port}/health/live",
-        tmp_path / "serve.log",
-        env={"HEADRACE_ADMIN_KEY": ADMIN_KEY, "HEADRACE_DATA_DIR": str(tmp_path / "data")},
-    )
+    gateway = serve(config, tmp_path / "serve.log", tmp_path / "data")
     running: list[Server] = [gateway]
     try:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:

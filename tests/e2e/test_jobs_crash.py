@@ -40,6 +40,7 @@ import sqlalchemy
 
 from tests.conftest import fresh_database
 from tests.e2e.conftest import ADMIN_KEY, Server, free_port, start, worker
+from tests.e2e.conftest import serve as e2e_serve
 from tests.fakes.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -141,13 +142,7 @@ def database() -> Iterator[str]:
 
 
 def serve(root: Path, config: Path, name: str) -> Server:
-    port = free_port()
-    return start(
-        ["serve", "--config", str(config), "--port", str(port)],
-        f"http://127.0.0.1:{port}/health/live",
-        root / f"{name}.log",
-        env={"HEADRACE_ADMIN_KEY": ADMIN_KEY, "HEADRACE_DATA_DIR": str(root / "data")},
-    )
+    return e2e_serve(config, root / f"{name}.log", root / "data")
 
 
 def kill(server: Server) -> None:

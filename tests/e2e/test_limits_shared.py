@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import fresh_database
-from tests.e2e.conftest import ADMIN_KEY, Server, free_port, start
+from tests.e2e.conftest import ADMIN_KEY, Server, serve
 
 pytestmark = pytest.mark.e2e
 
@@ -89,15 +89,7 @@ def cluster(
     _run("migrate", "--config", str(config), env=env)
     servers = []
     for name in ("a", "b"):
-        port = free_port()
-        servers.append(
-            start(
-                ["serve", "--config", str(config), "--port", str(port)],
-                f"http://127.0.0.1:{port}/health/live",
-                root / f"{name}.log",
-                env={**env, "HEADRACE_DATA_DIR": str(root / name)},
-            )
-        )
+        servers.append(serve(config, root / f"{name}.log", root / name))
     yield Cluster((servers[0], servers[1]), database)
     for server in servers:
         server.stop()

@@ -25,7 +25,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import ADMIN_KEY, Server, free_port, start
+from tests.e2e.conftest import ADMIN_KEY, Server, free_port, serve, start
 
 pytestmark = pytest.mark.e2e
 
@@ -98,17 +98,8 @@ def start_mock(log: Path, *flags: str) -> Server:
 def start_gateway(root: Path, config: str, grace_s: float = 30) -> Server:
     path = root / "headrace.yaml"
     path.write_text(config)
-    port = free_port()
-    return start(
-        ["serve", "--config", str(path), "--port", str(port)],
-        f"http://127.0.0.1:{port}/health/live",
-        root / "serve.log",
-        env={
-            "HEADRACE_ADMIN_KEY": ADMIN_KEY,
-            "HEADRACE_DATA_DIR": str(root / "data"),
-            "HEADRACE_SERVER__GRACEFUL_SHUTDOWN_S": str(grace_s),
-        },
-    )
+    grace = {"HEADRACE_SERVER__GRACEFUL_SHUTDOWN_S": str(grace_s)}
+    return serve(path, root / "serve.log", root / "data", grace)
 
 
 def put_faults(mock: Server, **settings: Any) -> None:

@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from tests.e2e.conftest import ADMIN_KEY, Server, start
+from tests.e2e.conftest import ADMIN_KEY, Server, serve
 from tests.sockets import free_port
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -113,13 +113,7 @@ models:
         base_url: {mock_upstream.url}/v1
 """
     )
-    port = free_port()
-    server = start(
-        ["serve", "--config", str(config), "--port", str(port)],
-        f"http://127.0.0.1:{port}/health/live",
-        tmp_path / "serve.log",
-        env={"HEADRACE_ADMIN_KEY": ADMIN_KEY, "HEADRACE_DATA_DIR": str(tmp_path / "data")},
-    )
+    server = serve(config, tmp_path / "serve.log", tmp_path / "data")
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=ADMIN_KEY, max_retries=0)
         answer = client.chat.completions.with_raw_response.create(

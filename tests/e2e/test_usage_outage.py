@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import fresh_database
-from tests.e2e.conftest import ADMIN_KEY, Server, free_port, start
+from tests.e2e.conftest import ADMIN_KEY, Server, serve
 from tests.fakes.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
@@ -71,14 +71,7 @@ async def test_database_outage_mid_load_loses_and_doubles_no_usage_record(
     through_proxy = real.set(port=proxy.port).render_as_string(hide_password=False)
     config = tmp_path / "headrace.yaml"
     config.write_text(CONFIG.format(database=through_proxy, mock=mock_upstream.url))
-    port = free_port()
-    gateway = await asyncio.to_thread(
-        start,
-        ["serve", "--config", str(config), "--port", str(port)],
-        f"http://127.0.0.1:{port}/health/live",
-        tmp_path / "serve.log",
-        {"HEADRACE_ADMIN_KEY": ADMIN_KEY, "HEADRACE_DATA_DIR": str(tmp_path / "data")},
-    )
+    gateway = await asyncio.to_thread(serve, config, tmp_path / "serve.log", tmp_path / "data")
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     body = {"model": "mock-model", "messages": [{"role": "user", "content": "hello there"}]}
     statuses: list[int] = []
