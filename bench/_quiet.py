@@ -47,6 +47,13 @@ class Quiet:
             if (process_cpu_s() - before) / 0.5 <= self.threshold:
                 return
 
+    def note(self) -> str:
+        """What keeping quiet cost, for a table's notes."""
+        return (
+            f"other processes: {self.waited_s:.0f} s spent waiting for quiet, "
+            f"{self.repeated} blocks measured again (budget {self.budget_s:g} s)"
+        )
+
     def retry(self, other_core_share: float, elapsed_s: float) -> bool:
         """Whether to measure again a block of ``elapsed_s`` in which other processes used
         ``other_core_share`` of a core; if so, first wait for quiet."""

@@ -195,10 +195,7 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
         "difference = headrace-gc minus python-gc; collections from each gateway's "
         "python_gc_collections_total over the phase, per request it answered"
     )
-    table.notes.append(
-        f"other processes: {quiet.waited_s:.0f} s spent waiting for quiet, "
-        f"{quiet.repeated} blocks measured again"
-    )
+    table.notes.append(quiet.note())
     print(table.render())
 
 

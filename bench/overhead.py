@@ -227,10 +227,7 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
         if args.local_only or (args.local if args.local is not None else plan.local):
             bench.local_section(args.quick)
     goals = _report.goals_table(bench.goals)
-    goals.notes.append(
-        f"other processes: {bench.quiet.waited_s:.0f} s spent waiting for quiet, "
-        f"{bench.quiet.repeated} blocks measured again (budget {plan.quiet_budget_s:g} s)"
-    )
+    goals.notes.append(bench.quiet.note())
     print(goals.render())
 
 

@@ -112,18 +112,6 @@ async def test_a_failed_poll_is_logged_and_the_next_turn_tries_again() -> None:
     assert "database down" in failed[0]["error"]
 
 
-async def test_aclose_stops_the_poll_and_waiters_return_on_their_timeout() -> None:
-    queue = SeqQueue(j1=1)
-    jobs = watch_of(queue)
-    waiting = asyncio.ensure_future(jobs.changed("j1", 1, timeout_s=TICK_S * 20))
-    await asyncio.sleep(TICK_S * 3)
-    await jobs.aclose()
-    asked = len(queue.asked)
-    queue.seqs["j1"] = 2
-    assert await waiting is False
-    assert len(queue.asked) == asked
-
-
 def test_the_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="interval_s"):
         JobWatch(SeqQueue(), interval_s=0)  # type: ignore[arg-type]

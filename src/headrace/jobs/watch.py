@@ -40,7 +40,6 @@ class JobWatch:
         # job id -> each waiter's future and the last seq it has seen
         self._waiters: dict[str, dict[asyncio.Future[None], int]] = {}
         self._poll: asyncio.Task[None] | None = None
-        self.polls = 0  # queries made (for tests and curiosity)
 
     @property
     def waiting(self) -> int:
@@ -67,13 +66,6 @@ class JobWatch:
             if not waiters and self._waiters.get(job_id) is waiters:
                 del self._waiters[job_id]
 
-    async def aclose(self) -> None:
-        """Stop polling (waiters then return on their timeouts)."""
-        poll, self._poll = self._poll, None
-        if poll is not None:
-            poll.cancel()
-            await asyncio.gather(poll, return_exceptions=True)
-
     async def _polling(self) -> None:
         while self._waiters:
             await asyncio.sleep(self._interval_s)
@@ -81,7 +73,6 @@ class JobWatch:
             try:
                 latest: dict[str, int] = {}
                 for start in range(0, len(ids), IDS_PER_QUERY):
-                    self.polls += 1
                     latest.update(await self._queue.event_seqs(ids[start : start + IDS_PER_QUERY]))
             except Exception as exc:  # the database down: the next turn tries again
                 log.warning("job_watch_failed", error=repr(exc), jobs=len(ids))
