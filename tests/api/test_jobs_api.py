@@ -118,6 +118,27 @@ async def test_events_stream_status_changes_until_final(gateway: GatewayFactory)
     assert statuses == ["job.queued", "job.running", "job.succeeded"]
 
 
+async def test_the_runners_changes_reach_streams_without_waiting_for_the_poll(
+    gateway: GatewayFactory,
+) -> None:
+    # A poll every 10 s: a stream that waited for it would take 10 s for each change.
+    client, _ = await gateway(jobs=JobsConfig(events_poll_s=10), models=echo_models(delay_s=0.1))
+    job = (await submit(client)).json()
+    run = await asyncio.wait_for(_follow(client, job["id"]), 3)  # the claim, then the result
+    assert run == ["event: job.queued", "event: job.running", "event: job.succeeded"]
+
+
+async def test_a_cancel_reaches_streams_without_waiting_for_the_poll(
+    gateway: GatewayFactory,
+) -> None:
+    client, _ = await gateway(jobs=JobsConfig(events_poll_s=10, run_in_process=False))
+    job = (await submit(client)).json()
+    stream = asyncio.ensure_future(_follow(client, job["id"]))
+    await asyncio.sleep(0.2)
+    await client.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH)
+    assert await asyncio.wait_for(stream, 2) == ["event: job.queued", "event: job.cancelled"]
+
+
 async def _follow(client: httpx.AsyncClient, job_id: str) -> list[str]:
     """The stream of a job's events, to its end: its event lines and comments."""
     lines = []

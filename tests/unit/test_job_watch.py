@@ -112,6 +112,49 @@ async def test_a_failed_poll_is_logged_and_the_next_turn_tries_again() -> None:
     assert "database down" in failed[0]["error"]
 
 
+async def test_a_nudge_for_a_followed_job_polls_at_once_and_others_wait_for_the_turn() -> None:
+    queue = SeqQueue(j1=1, j2=1)
+    jobs = JobWatch(queue, interval_s=30)  # type: ignore[arg-type]
+    followed = asyncio.ensure_future(jobs.changed("j1", 1, timeout_s=5))
+    await asyncio.sleep(TICK_S)
+    jobs.nudge(["j2", "j3"])  # nobody follows these: no poll
+    await asyncio.sleep(TICK_S * 3)
+    assert queue.asked == []
+    queue.seqs["j1"] = 2
+    jobs.nudge(["j2", "j1"])
+    assert await asyncio.wait_for(followed, 1) is True
+    assert queue.asked == [["j1"]]
+
+
+async def test_nudges_during_a_poll_make_one_more_poll_not_one_each() -> None:
+    queue = SeqQueue(j1=1)
+    asked_at = asyncio.Event()
+    answer = asyncio.Event()
+    event_seqs = queue.event_seqs
+
+    async def slow_seqs(job_ids: Sequence[str]) -> dict[str, int]:
+        asked_at.set()
+        await answer.wait()
+        return await event_seqs(job_ids)
+
+    queue.event_seqs = slow_seqs  # type: ignore[method-assign]
+    jobs = JobWatch(queue, interval_s=30)  # type: ignore[arg-type]
+    followed = asyncio.ensure_future(jobs.changed("j1", 1, timeout_s=5))
+    await asyncio.sleep(TICK_S)
+    jobs.nudge(["j1"])
+    await asyncio.wait_for(asked_at.wait(), 1)
+    for _ in range(5):  # while the first poll is under way
+        jobs.nudge(["j1"])
+    answer.set()
+    await asyncio.sleep(TICK_S * 5)
+    assert len(queue.asked) == 2
+    assert not followed.done()
+    queue.seqs["j1"] = 2
+    jobs.nudge(["j1"])
+    assert await asyncio.wait_for(followed, 1) is True
+    assert len(queue.asked) == 3
+
+
 def test_the_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="interval_s"):
         JobWatch(SeqQueue(), interval_s=0)  # type: ignore[arg-type]

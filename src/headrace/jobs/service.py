@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,6 +226,7 @@ class JobService:
         except HeadraceError as exc:
             failure = Failure({**exc.to_openai()["error"], "status": exc.status}, retry_at=None)
             await self._queue.fail(job.id, worker, failure)
+            self.nudge([job.id])
             raise
         except BaseException:
             # The client went away mid-call: let a worker finish the job for its retry.
@@ -234,6 +235,7 @@ class JobService:
             release.add_done_callback(self._pending.discard)
             raise
         await self._queue.complete(job, worker, result, cost)
+        self.nudge([job.id])
         return result, False
 
     async def _stored_answer(self, job_id: str) -> Mapping[str, Any]:
@@ -287,11 +289,17 @@ class JobService:
         job = await self._queue.cancel(job_id)
         if job is None:
             raise NotFoundError(f"No job {job_id!r} for this API key's team.", param="job_id")
+        self.nudge([job_id])
         return job
 
     async def events(self, principal: Principal, job_id: str, after_seq: int = 0) -> list[JobEvent]:
         await self.get(principal, job_id)
         return await self._queue.events(job_id, after_seq)
+
+    def nudge(self, job_ids: Iterable[str]) -> None:
+        """These jobs just changed in this process (their transaction committed): whoever
+        follows them hears it now, not at the watch's next turn."""
+        self._watch.nudge(job_ids)
 
     async def next_event(self, job_id: str, after_seq: int, timeout_s: float) -> bool:
         """Wait until the job has an event after ``after_seq`` (or is gone): True; False

@@ -10,6 +10,14 @@ seen, or is gone; only they read their events. The database's load is then one q
 ``interval_s`` per process, however many streams are open, and a change reaches its streams
 within ``interval_s`` plus a query.
 
+A change made in this process need not wait for the turn: whoever makes it (the job runner
+of ``headrace serve``, a cancel through the API, an idempotent request run inline) calls
+:meth:`JobWatch.nudge` with the jobs it changed once its transaction has committed, and if
+any of them is followed the poll runs at once. Nudges that arrive during a poll make one
+more poll, not one each. So on the embedded default, where the gateway runs its own jobs, a
+stream sees each change within a query; a change made by another process still waits for
+the next turn.
+
 The poll stops when the last waiter leaves and starts again with the next. A failed poll
 (the database down) is logged and tried again at the next turn; a waiter gives up after its
 own timeout, so a stream never hangs on the watch (docs/adr/0010-jobs-and-queue.md).
@@ -18,6 +26,8 @@ own timeout, so a stream never hangs on the watch (docs/adr/0010-jobs-and-queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterable
 
 import structlog
 
@@ -40,6 +50,7 @@ class JobWatch:
         # job id -> each waiter's future and the last seq it has seen
         self._waiters: dict[str, dict[asyncio.Future[None], int]] = {}
         self._poll: asyncio.Task[None] | None = None
+        self._nudged = asyncio.Event()
 
     @property
     def waiting(self) -> int:
@@ -66,9 +77,17 @@ class JobWatch:
             if not waiters and self._waiters.get(job_id) is waiters:
                 del self._waiters[job_id]
 
+    def nudge(self, job_ids: Iterable[str]) -> None:
+        """These jobs changed in this process (committed): poll now if any is followed."""
+        if self._waiters and any(job_id in self._waiters for job_id in job_ids):
+            self._nudged.set()
+
     async def _polling(self) -> None:
         while self._waiters:
-            await asyncio.sleep(self._interval_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval_s):
+                    await self._nudged.wait()
+            self._nudged.clear()
             ids = list(self._waiters)
             try:
                 latest: dict[str, int] = {}

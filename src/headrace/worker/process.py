@@ -70,6 +70,7 @@ def attach_workers(
             retention_s=options.retention_s,
             idle_poll_s=idle_poll_s,
             on_webhook=outbox.nudge,
+            on_jobs_changed=None if rt.jobs is None else rt.jobs.nudge,
             tracing=rt.tracing,
         )
         rt.services.append(runner)

@@ -14,7 +14,9 @@ Waking up. A runner with nothing to do polls the queue, from ``idle_poll_s / 8``
 elsewhere; ``serve``'s own runner, which every submission to that process wakes at once
 (:meth:`JobRunner.nudge`), waits :data:`NUDGED_IDLE_POLL_S` and so costs an idle gateway
 next to nothing (on SQLite each poll is a write transaction through aiosqlite's thread). A
-job this runner sends back for a retry wakes it at its retry time, whatever the poll.
+job this runner sends back for a retry wakes it at its retry time, whatever the poll. Each
+claim, completion and failure it commits nudges the process's job watch
+(:mod:`headrace.jobs.watch`), so the event streams of its jobs hear of them at once.
 
 Failures: a transient error (429, 5xx, timeouts, the gateway overloaded) is retried with
 exponential backoff and full jitter, honouring ``Retry-After``; after ``max_attempts`` the job
@@ -75,6 +77,7 @@ class JobRunner:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_webhook: Callable[[], None] | None = None,
+        on_jobs_changed: Callable[[list[str]], None] | None = None,
         retention_s: float | None = None,
         tracing: Tracing | None = None,
     ) -> None:
@@ -92,6 +95,8 @@ class JobRunner:
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._on_webhook = on_webhook  # a job ended with a webhook to send (the outbox's nudge)
+        # jobs this runner changed, once committed (the job watch's nudge: their streams)
+        self._on_jobs_changed = on_jobs_changed
         self._retention_s = retention_s
         self._tracing = tracing
         self._next_purge_at = 0.0
@@ -163,6 +168,8 @@ class JobRunner:
                 log.warning("jobs_claim_failed", error=repr(exc))
                 jobs = []
                 idle = self._idle_poll_s
+            if jobs:
+                self._changed([job.id for job in jobs])
             for job in jobs:
                 task = asyncio.get_running_loop().create_task(self._run(job))
                 self._inflight[job.id] = task
@@ -300,6 +307,7 @@ class JobRunner:
                 log.warning("jobs_complete_retry", error=repr(exc), jobs=len(batch))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._heartbeat_s)
+        self._changed([job.id for job in jobs if job is not None])
         for (_, done), job in zip(batch, jobs, strict=True):
             if not done.done():
                 done.set_result(job)
@@ -357,12 +365,17 @@ class JobRunner:
         after = await self._queue.fail(job.id, self.worker_id, failure)
         if after is None:
             return
+        self._changed([after.id])
         if retry_at is not None:  # claim it again when it is due, not at the next idle poll
             delay = max(0.0, retry_at - self._clock())
             asyncio.get_running_loop().call_later(delay, self._wake.set)
             return
         self.failed += 1
         self._webhook_written(after)
+
+    def _changed(self, job_ids: list[str]) -> None:
+        if job_ids and self._on_jobs_changed is not None:
+            self._on_jobs_changed(job_ids)
 
     def _webhook_written(self, job: Job) -> None:
         if job.webhook_url is not None and job.status.final and self._on_webhook is not None:
