@@ -155,6 +155,23 @@ async def test_nudges_during_a_poll_make_one_more_poll_not_one_each() -> None:
     assert len(queue.asked) == 3
 
 
+async def test_a_stream_of_nudges_polls_at_most_once_a_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(watch, "NUDGE_GAP_S", 0.05)
+    queue = SeqQueue(j1=1)
+    jobs = JobWatch(queue, interval_s=30)  # type: ignore[arg-type]
+    followed = asyncio.ensure_future(jobs.changed("j1", 1, timeout_s=5))
+    await asyncio.sleep(TICK_S)
+    started = asyncio.get_running_loop().time()
+    while asyncio.get_running_loop().time() - started < 0.5:  # a busy runner's commits
+        jobs.nudge(["j1"])
+        await asyncio.sleep(0.002)
+    assert 5 <= len(queue.asked) <= 0.5 / 0.05 + 2
+    followed.cancel()
+    await asyncio.gather(followed, return_exceptions=True)
+
+
 def test_the_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="interval_s"):
         JobWatch(SeqQueue(), interval_s=0)  # type: ignore[arg-type]

@@ -13,10 +13,11 @@ within ``interval_s`` plus a query.
 A change made in this process need not wait for the turn: whoever makes it (the job runner
 of ``headrace serve``, a cancel through the API, an idempotent request run inline) calls
 :meth:`JobWatch.nudge` with the jobs it changed once its transaction has committed, and if
-any of them is followed the poll runs at once. Nudges that arrive during a poll make one
-more poll, not one each. So on the embedded default, where the gateway runs its own jobs, a
-stream sees each change within a query; a change made by another process still waits for
-the next turn.
+any of them is followed the poll runs at once, though no sooner than :data:`NUDGE_GAP_S`
+after the last one: a busy runner commits changes faster than polls are worth making, and
+nudges that arrive meanwhile make one more poll, not one each. So on the embedded default,
+where the gateway runs its own jobs, a stream sees each change within a query (and at most
+``NUDGE_GAP_S``); a change made by another process still waits for the next turn.
 
 The poll stops when the last waiter leaves and starts again with the next. A failed poll
 (the database down) is logged and tried again at the next turn; a waiter gives up after its
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Iterable
 
 import structlog
@@ -37,6 +39,7 @@ log = structlog.get_logger("headrace")
 
 POLL_INTERVAL_S = 0.1
 IDS_PER_QUERY = 1000
+NUDGE_GAP_S = 0.02  # nudged polls: at most 50 a second
 
 
 class JobWatch:
@@ -83,10 +86,14 @@ class JobWatch:
             self._nudged.set()
 
     async def _polling(self) -> None:
+        loop = asyncio.get_running_loop()
+        polled_at = -math.inf
         while self._waiters:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval_s):
                     await self._nudged.wait()
+            await asyncio.sleep(polled_at + NUDGE_GAP_S - loop.time())  # no-op when <= 0
+            polled_at = loop.time()
             self._nudged.clear()
             ids = list(self._waiters)
             try:
