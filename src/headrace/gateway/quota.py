@@ -87,6 +87,7 @@ class _Budget:
 
 # What a demand's amount is: one request (RPM, parallel), the estimated tokens, or the cost.
 _ONE, _TOKENS, _COST = 0, 1, 2
+_CONCURRENCY = LimitKind.CONCURRENCY  # a global's lookup, not an enum class attribute's
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +95,8 @@ class _Plan:
     """A principal's demands, built once and reused until its first budget period ends.
 
     ``demands`` are templates: those whose amount is ``_ONE`` are used as they are, the
-    others are copied with the request's estimate. ``settled``: the demands a settlement
-    moves (TPM, parallel, budget; an RPM counter's delta is always 0).
+    others (``filled``) are copied with the request's estimate. ``settled``: the demands a
+    settlement moves (TPM, parallel, budget; an RPM counter's delta is always 0).
     """
 
     principal: Principal
@@ -103,6 +104,7 @@ class _Plan:
     demands: tuple[Demand, ...]
     amounts: tuple[int, ...]  # _ONE, _TOKENS or _COST, per demand
     budgets: tuple[_Budget | None, ...]  # per demand: set for BUDGET demands
+    filled: tuple[int, ...]  # the demands whose amount is the estimate (indexes)
     settled: tuple[int, ...]
     policy: str  # the RateLimit-Policy header ("" without RATE counters)
     rates: tuple[tuple[int, str], ...]  # (demand index, '"key-rpm";r=') for RateLimit
@@ -159,9 +161,12 @@ class QuotaGuard:
         """Whether any token limit or budget applies (the tokenizer runs only then)."""
         if principal is None:
             return False
-        return any(
-            q.tpm is not None or q.budget_micro_usd is not None
-            for q in (principal.quota, principal.team_quota)
+        key, team = principal.quota, principal.team_quota
+        return (
+            key.tpm is not None
+            or key.budget_micro_usd is not None
+            or team.tpm is not None
+            or team.budget_micro_usd is not None
         )
 
     @staticmethod
@@ -173,7 +178,7 @@ class QuotaGuard:
     async def reserve(self, call: Call, estimate: Estimate) -> Reservation | None:
         """Take the request's quota or raise 429/402; None when no quota applies."""
         principal = call.principal
-        if principal is None or not self.applies(principal):
+        if principal is None:
             return None
         now = self._clock()
         plan = self._plans.get(principal.key_id)
@@ -182,10 +187,12 @@ class QuotaGuard:
             or now >= plan.until
             or (plan.principal is not principal and plan.principal != principal)
         ):
+            if not self.applies(principal):  # a plan is only made for a principal it applies to
+                return None
             plan = await self._plan(principal, now)
         demands = plan.demands
-        if any(plan.amounts):  # some amounts are this request's estimate
-            demands = tuple(self._fill(plan, estimate, now))
+        if plan.filled:  # some amounts are this request's estimate
+            demands = self._fill(plan, estimate, now)
         lease = call.request_id
         try:
             decision = await self._limiter.acquire(demands, lease)
@@ -246,16 +253,19 @@ class QuotaGuard:
         settled (None: not a budget); None when nothing would move."""
         estimate = reservation.estimate
         deltas = (0, tokens - estimate.tokens, cost_micro_usd - estimate.cost_micro_usd)
+        demands, amounts, budget_of = reservation.demands, reservation.amounts, reservation.budgets
         settlements: list[Settlement] = []
         budgets: list[_Budget | None] = []
         for index in reservation.settled:
-            demand = reservation.demands[index]
-            delta = deltas[reservation.amounts[index]]
-            budget = reservation.budgets[index]
-            unchanged = delta == 0 and demand.kind is not LimitKind.CONCURRENCY
+            demand = demands[index]
+            delta = deltas[amounts[index]]
+            budget = budget_of[index]
+            unchanged = delta == 0 and demand.kind is not _CONCURRENCY
             if unchanged and (budget is None or budget.soft_ratio is None):
                 continue  # nothing would move, and no alert needs the counter's value
-            settlements.append(Settlement.of(demand, delta))
+            settlements.append(
+                Settlement(demand.key, demand.kind, delta, demand.window_s, demand.limit)
+            )
             budgets.append(budget)
         if not settlements:
             return None
@@ -292,19 +302,19 @@ class QuotaGuard:
             log.error("quota_alert_error", error=repr(exc))
 
     @staticmethod
-    def _fill(plan: _Plan, estimate: Estimate, now: float) -> list[Demand]:
+    def _fill(plan: _Plan, estimate: Estimate, now: float) -> tuple[Demand, ...]:
         """The plan's demands with this request's estimate (and a budget counter's TTL)."""
-        out = []
-        for template, amount, budget in zip(plan.demands, plan.amounts, plan.budgets, strict=True):
-            d = template
-            if amount == _TOKENS:
-                d = Demand(d.key, d.kind, d.limit, estimate.tokens, d.window_s)
-            elif amount == _COST:
+        out = list(plan.demands)
+        for index in plan.filled:
+            d = out[index]
+            if plan.amounts[index] == _TOKENS:
+                out[index] = Demand(d.key, d.kind, d.limit, estimate.tokens, d.window_s)
+            else:  # _COST
+                budget = plan.budgets[index]
                 assert budget is not None
                 ttl = budget.ttl_s(now)
-                d = Demand(d.key, d.kind, d.limit, estimate.cost_micro_usd, ttl, d.seed)
-            out.append(d)
-        return out
+                out[index] = Demand(d.key, d.kind, d.limit, estimate.cost_micro_usd, ttl, d.seed)
+        return tuple(out)
 
     async def _plan(self, principal: Principal, now: float) -> _Plan:
         demands: list[Demand] = []
@@ -361,6 +371,7 @@ class QuotaGuard:
             tuple(demands),
             tuple(amounts),
             tuple(budgets),
+            tuple(i for i, amount in enumerate(amounts) if amount != _ONE),
             settled,
             ", ".join(policies),
             tuple(rates),
