@@ -13,6 +13,7 @@ from headrace.domain import UsageRecord
 
 NO_TEAM = ""  # the team of a key without one, in the aggregate key
 MODEL_MAX_CHARS = 255  # longer model names are cut in the aggregates (they are keys)
+_DAY_S = 86_400
 
 DailyKey = tuple[str, str, str, str]  # (day "YYYY-MM-DD" UTC, key_id, team_id or '', model)
 
@@ -56,20 +57,17 @@ class DailyTotals:
         self.errors += other.errors
 
 
-def daily_key(record: UsageRecord) -> DailyKey:
-    return (
-        utc_day(record.created_at),
-        record.key_id,
-        record.team_id or NO_TEAM,
-        record.model[:MODEL_MAX_CHARS],
-    )
-
-
 def aggregate(records: Iterable[UsageRecord]) -> dict[DailyKey, DailyTotals]:
     """Totals per (day, key, team, model); an error is a record with status >= 400."""
     totals: dict[DailyKey, DailyTotals] = {}
+    # A batch's records almost all fall on one UTC day: format each day once, not each
+    # record's (``gmtime`` floors to whole seconds, so ``t // 86400`` names the same day).
+    days: dict[float, str] = {}
     for record in records:
-        key = daily_key(record)
+        day = days.get(record.created_at // _DAY_S)
+        if day is None:
+            day = days[record.created_at // _DAY_S] = utc_day(record.created_at)
+        key = (day, record.key_id, record.team_id or NO_TEAM, record.model[:MODEL_MAX_CHARS])
         row = totals.get(key)
         if row is None:
             row = totals[key] = DailyTotals()
