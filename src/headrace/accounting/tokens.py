@@ -75,13 +75,19 @@ class TokenCounter:
 
     def __init__(self, encoding: str = ENCODING) -> None:
         self._encoding = encoding
+        self._encode: Callable[[str], list[int]] | None = None  # once loaded
 
     def warm(self) -> None:
         """Load the encoder now (e.g. in a thread at start) instead of on the first request."""
-        _encoder(self._encoding)
+        self._encode = _encoder(self._encoding)
 
     def text(self, text: str) -> int:
-        return len(_encoder(self._encoding)(text)) if text else 0
+        if not text:
+            return 0
+        encode = self._encode
+        if encode is None:
+            encode = self._encode = _encoder(self._encoding)
+        return len(encode(text))
 
     def messages(self, messages: Iterable[Mapping[str, Any]]) -> int:
         """Prompt tokens of an OpenAI ``messages`` list (text parts; images count zero here)."""
@@ -89,7 +95,9 @@ class TokenCounter:
         for message in messages:
             total += PER_MESSAGE
             for field in ("content", "name", "tool_calls"):
-                total += self._value(message.get(field))
+                value = message.get(field)
+                if value is not None:  # most messages have no name and no tool calls
+                    total += self._value(value)
         return total
 
     def _value(self, value: object) -> int:
