@@ -21,6 +21,7 @@ The two usage statements are built once and run as the driver's SQL
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,6 +51,7 @@ from headrace.store.schema import feedback as feedback_table
 from headrace.store.usage_sql import COUNTERS, UsageSql, record_values
 
 _GROUP_COLUMNS = {"day": "day", "key": "key_id", "team": "team_id", "model": "model"}
+_BY_ID = operator.attrgetter("id")
 
 
 class SqlStore:
@@ -168,7 +170,7 @@ class SqlStore:
         if not records:
             return 0
         # Ascending ids and aggregate keys: concurrent writers take row locks in one order.
-        ordered = sorted(records, key=lambda r: r.id)
+        ordered = sorted(records, key=_BY_ID)
         rows = [record_values(r) for r in ordered]
         async with self._engine.begin() as conn:
             inserted = await self._usage_sql.insert_records(conn, rows)

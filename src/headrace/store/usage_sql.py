@@ -18,6 +18,7 @@ more than the driver's, so :class:`UsageSql` builds the SQL once and hands it to
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -128,14 +129,14 @@ class UsageSql:
         if not self._sqlite:
             columns = dict(zip(RECORD_COLUMNS, map(list, zip(*rows, strict=True)), strict=True))
             result = await conn.exec_driver_sql(self._insert_records_sql, columns)
-            return set(result.scalars())
+            return set(result.scalars().all())
         inserted: set[str] = set()
         start = 0
         while start < len(rows):
             size = min(_SQLITE_ROWS, 1 << ((len(rows) - start).bit_length() - 1))
-            params = tuple(value for row in rows[start : start + size] for value in row)
+            params = tuple(itertools.chain.from_iterable(rows[start : start + size]))
             result = await conn.exec_driver_sql(self._sqlite_inserts[size], params)
-            inserted.update(result.scalars())
+            inserted.update(result.scalars().all())
             start += size
         return inserted
 
