@@ -187,6 +187,28 @@ async def test_soft_threshold_alerts_once_per_period_across_processes() -> None:
     assert [(a.scope, a.id, a.spent_micro_usd) for a in alerts] == [("key", "k1", 500)]
 
 
+async def test_a_settlement_left_to_the_limiter_alerts_with_its_own_budgets_spend() -> None:
+    clock = Clock(NOV_27)
+    alerts: list[BudgetAlert] = []
+
+    async def sink(alert: BudgetAlert) -> None:
+        alerts.append(alert)
+
+    g = guard(clock, alert=sink)
+    # Settled together: the key's TPM and parallel slot, its budget (soft threshold), the
+    # team's budget (none): the alert must read the key budget's value, not a neighbour's.
+    p = principal(
+        Quota(tpm=10_000, max_parallel=5, budget_micro_usd=1000, soft_budget_ratio=0.5),
+        Quota(budget_micro_usd=1_000_000),
+    )
+    for n in range(3):
+        r = await g.reserve(call(p, n), Estimate(tokens=100, cost_micro_usd=300))
+        assert r is not None
+        g.settle_later(r, tokens=40, cost_micro_usd=250)
+    await g.aclose()
+    assert [(a.scope, a.id, a.spent_micro_usd) for a in alerts] == [("key", "k1", 500)]
+
+
 class SlowSettling(MemoryLimiter):
     """A limiter whose settlements wait for ``release``, and that records what they carry."""
 

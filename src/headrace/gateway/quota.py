@@ -88,6 +88,7 @@ class _Budget:
 # What a demand's amount is: one request (RPM, parallel), the estimated tokens, or the cost.
 _ONE, _TOKENS, _COST = 0, 1, 2
 _CONCURRENCY = LimitKind.CONCURRENCY  # a global's lookup, not an enum class attribute's
+_Alerting = list[tuple[int, _Budget]]  # (position in a settlement, its budget with a soft ratio)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,16 +215,15 @@ class QuotaGuard:
         taken = self._take(reservation, tokens, cost_micro_usd)
         if taken is None:
             return
-        done, budgets = taken
+        done, alerting = taken
         try:
             values = await done
         except LimiterUnavailableError as exc:
             # Counters stay as reserved (an over-estimate) and leases expire on their TTL.
             log.warning("quota_settle_failed", error=str(exc), lease=reservation.lease)
             return
-        for budget, value in zip(budgets, values, strict=True):
-            if budget is not None and budget.soft_ratio is not None:
-                await self._maybe_alert(budget, value)
+        for position, budget in alerting:
+            await self._maybe_alert(budget, values[position])
 
     def settle_later(self, reservation: Reservation, tokens: int, cost_micro_usd: int) -> None:
         """:meth:`settle` without waiting: the limiter takes the settlement before this
@@ -232,12 +232,12 @@ class QuotaGuard:
         taken = self._take(reservation, tokens, cost_micro_usd)
         if taken is None:
             return
-        done, budgets = taken
+        done, alerting = taken
         if done.done():
-            self._settled(reservation.lease, budgets, done)
+            self._settled(reservation.lease, alerting, done)
         else:
             self._settling.add(done)
-            done.add_done_callback(functools.partial(self._settled, reservation.lease, budgets))
+            done.add_done_callback(functools.partial(self._settled, reservation.lease, alerting))
 
     async def aclose(self) -> None:
         """Wait for every settlement and alert started (new ones may start meanwhile)."""
@@ -248,31 +248,31 @@ class QuotaGuard:
 
     def _take(
         self, reservation: Reservation, tokens: int, cost_micro_usd: int
-    ) -> tuple[asyncio.Future[tuple[int, ...]], list[_Budget | None]] | None:
-        """Hand the settlement to the limiter: its answer, and the budget of each counter
-        settled (None: not a budget); None when nothing would move."""
+    ) -> tuple[asyncio.Future[tuple[int, ...]], _Alerting] | None:
+        """Hand the settlement to the limiter: its answer, and the settled budgets that have a
+        soft threshold (by position in the answer); None when nothing would move."""
         estimate = reservation.estimate
         deltas = (0, tokens - estimate.tokens, cost_micro_usd - estimate.cost_micro_usd)
         demands, amounts, budget_of = reservation.demands, reservation.amounts, reservation.budgets
         settlements: list[Settlement] = []
-        budgets: list[_Budget | None] = []
+        alerting: _Alerting = []
         for index in reservation.settled:
             demand = demands[index]
             delta = deltas[amounts[index]]
             budget = budget_of[index]
-            unchanged = delta == 0 and demand.kind is not _CONCURRENCY
-            if unchanged and (budget is None or budget.soft_ratio is None):
-                continue  # nothing would move, and no alert needs the counter's value
+            if budget is not None and budget.soft_ratio is not None:
+                alerting.append((len(settlements), budget))  # an alert needs its value
+            elif delta == 0 and demand.kind is not _CONCURRENCY:
+                continue  # nothing would move
             settlements.append(
                 Settlement(demand.key, demand.kind, delta, demand.window_s, demand.limit)
             )
-            budgets.append(budget)
         if not settlements:
             return None
-        return self._limiter.settle(settlements, reservation.lease), budgets
+        return self._limiter.settle(settlements, reservation.lease), alerting
 
     def _settled(
-        self, lease: str, budgets: list[_Budget | None], done: asyncio.Future[tuple[int, ...]]
+        self, lease: str, alerting: _Alerting, done: asyncio.Future[tuple[int, ...]]
     ) -> None:
         """The limiter's answer to :meth:`settle_later`: log a failure, start a due alert."""
         self._settling.discard(done)
@@ -285,9 +285,12 @@ class QuotaGuard:
             else:
                 log.error("quota_settle_error", error=repr(exc), lease=lease)
             return
-        for budget, value in zip(budgets, done.result(), strict=True):
-            if budget is None or budget.soft_ratio is None:
-                continue
+        if not alerting:
+            return
+        values = done.result()
+        for position, budget in alerting:
+            value = values[position]
+            assert budget.soft_ratio is not None
             if value >= budget.soft_ratio * budget.limit:
                 self._spawn(self._maybe_alert(budget, value))  # a task only when one is due
 
