@@ -44,6 +44,7 @@ from headrace.routing.router import Router
 _Answer = TypeVar("_Answer", ChatResponse, EmbeddingResponse)
 
 CANCELLED_STATUS = ClientClosedError.status  # the client left before the answer was complete
+_UNPRICED = Price()  # a model or deployment without a price (a default made once, not per get)
 
 
 class UsageRecorder(Protocol):
@@ -154,7 +155,7 @@ class GatewayService:
         if not QuotaGuard.needs_estimate(call.principal):
             return Estimate(0, 0)
         usage = Usage(prompt_tokens=prompt(), completion_tokens=output)
-        cost = self._dearest.get(model, Price()).cost_micro_usd(usage)
+        cost = self._dearest.get(model, _UNPRICED).cost_micro_usd(usage)
         return Estimate(usage.total_tokens, cost)
 
     async def _reserve(
@@ -175,7 +176,7 @@ class GatewayService:
         if call.degraded or call.deployment is None:
             call.cost_micro_usd = 0
             return
-        cost = self._prices.get(call.deployment, Price()).cost_micro_usd(usage)
+        cost = self._prices.get(call.deployment, _UNPRICED).cost_micro_usd(usage)
         call.cost_micro_usd = cost
         if cost:
             key = call.principal.key_id if call.principal else ""
@@ -247,7 +248,7 @@ class GatewayService:
         requested = call.requested_model or model
         baseline = cost
         if requested != model and not call.degraded and call.cache != HIT:
-            baseline = self._primary.get(requested, Price()).cost_micro_usd(usage)
+            baseline = self._primary.get(requested, _UNPRICED).cost_micro_usd(usage)
         call.baseline_cost_micro_usd = baseline
         principal = call.principal
         self._usage.record(
