@@ -168,8 +168,7 @@ class JobRunner:
                 log.warning("jobs_claim_failed", error=repr(exc))
                 jobs = []
                 idle = self._idle_poll_s
-            if jobs:
-                self._changed([job.id for job in jobs])
+            self._changed([job.id for job in jobs])
             for job in jobs:
                 task = asyncio.get_running_loop().create_task(self._run(job))
                 self._inflight[job.id] = task
