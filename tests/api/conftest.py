@@ -1,11 +1,14 @@
-"""Fixtures of the API tests: a webhook receiver."""
+"""Fixtures and helpers of the API tests: a webhook receiver, a job's event stream."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from aiohttp import web
+
+from tests.conftest import AUTH
 
 Receiver = tuple[str, list[tuple[dict[str, str], bytes]]]
 
@@ -32,3 +35,13 @@ async def receiver() -> AsyncIterator[Receiver]:
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     yield f"http://127.0.0.1:{port}/hook", seen
     await runner.cleanup()
+
+
+async def follow(client: httpx.AsyncClient, job_id: str) -> list[str]:
+    """The stream of a job's events, to its end: its event lines and comments."""
+    lines = []
+    async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=AUTH) as events:
+        async for line in events.aiter_lines():
+            if line.startswith(("event: ", ": ")):
+                lines.append(line)
+    return lines

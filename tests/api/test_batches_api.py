@@ -17,6 +17,7 @@ from headrace.jobs.batches import BatchService
 from headrace.queue.batches_sql import store_beside
 from headrace.store.migrate import migrate
 from headrace.wiring import Runtime
+from tests.api.conftest import follow
 from tests.conftest import AUTH, GatewayFactory, echo_models
 
 CHAT_URL: Final = "/v1/chat/completions"
@@ -300,6 +301,22 @@ async def test_cancelling_a_batch_that_has_not_started_ends_it_at_once(
     assert cancelled["status"] == "cancelled"
     assert cancelled["output_file_id"] is None
     assert sorted(await lines_of(client, cancelled["error_file_id"])) == ["a", "b"]
+
+
+async def test_a_batch_cancel_reaches_its_jobs_streams_without_waiting_for_the_poll(
+    gateway: GatewayFactory,
+) -> None:
+    # A poll every 10 s: a stream that waited for it would take 10 s to hear of the cancel.
+    client, _ = await gateway(jobs=JobsConfig(events_poll_s=10, run_in_process=False))
+    batch = await start_batch(client, jsonl(line("a"), line("b")))
+    jobs = (await client.get(f"/v1/jobs?batch_id={batch['id']}", headers=AUTH)).json()["data"]
+    assert [job["status"] for job in jobs] == ["queued", "queued"]
+    streams = [asyncio.ensure_future(follow(client, job["id"])) for job in jobs]
+    await asyncio.sleep(0.2)
+    cancelled = await client.post(f"/v1/batches/{batch['id']}/cancel", headers=AUTH)
+    assert cancelled.json()["status"] == "cancelled"
+    for stream in streams:
+        assert await asyncio.wait_for(stream, 2) == ["event: job.queued", "event: job.cancelled"]
 
 
 async def test_requests_not_started_in_the_completion_window_expire(

@@ -16,7 +16,7 @@ from headrace.domain import Job, JobEvent, Role
 from headrace.events.signing import verify
 from headrace.gateway.auth import new_key, new_secret
 from headrace.worker.process import webhook_secret
-from tests.api.conftest import Receiver
+from tests.api.conftest import Receiver, follow
 from tests.conftest import AUTH, GatewayFactory, echo_models
 from tests.fakes.recording_store import RecordingStore
 
@@ -124,7 +124,7 @@ async def test_the_runners_changes_reach_streams_without_waiting_for_the_poll(
     # A poll every 10 s: a stream that waited for it would take 10 s for each change.
     client, _ = await gateway(jobs=JobsConfig(events_poll_s=10), models=echo_models(delay_s=0.1))
     job = (await submit(client)).json()
-    run = await asyncio.wait_for(_follow(client, job["id"]), 3)  # the claim, then the result
+    run = await asyncio.wait_for(follow(client, job["id"]), 3)  # the claim, then the result
     assert run == ["event: job.queued", "event: job.running", "event: job.succeeded"]
 
 
@@ -133,20 +133,10 @@ async def test_a_cancel_reaches_streams_without_waiting_for_the_poll(
 ) -> None:
     client, _ = await gateway(jobs=JobsConfig(events_poll_s=10, run_in_process=False))
     job = (await submit(client)).json()
-    stream = asyncio.ensure_future(_follow(client, job["id"]))
+    stream = asyncio.ensure_future(follow(client, job["id"]))
     await asyncio.sleep(0.2)
     await client.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH)
     assert await asyncio.wait_for(stream, 2) == ["event: job.queued", "event: job.cancelled"]
-
-
-async def _follow(client: httpx.AsyncClient, job_id: str) -> list[str]:
-    """The stream of a job's events, to its end: its event lines and comments."""
-    lines = []
-    async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=AUTH) as events:
-        async for line in events.aiter_lines():
-            if line.startswith(("event: ", ": ")):
-                lines.append(line)
-    return lines
 
 
 async def test_open_streams_share_one_poll_and_read_only_when_their_job_moves(
@@ -170,7 +160,7 @@ async def test_open_streams_share_one_poll_and_read_only_when_their_job_moves(
     monkeypatch.setattr(queue, "events", counted_events)
     monkeypatch.setattr(queue, "event_seqs", counted_seqs)
     ids = sorted([(await submit(client)).json()["id"] for _ in range(10)])
-    streams = [asyncio.ensure_future(_follow(client, job_id)) for job_id in ids]
+    streams = [asyncio.ensure_future(follow(client, job_id)) for job_id in ids]
     await asyncio.sleep(0.25)
     polls.clear()
     await asyncio.sleep(1.0)
@@ -195,7 +185,7 @@ async def test_an_idle_stream_sends_keep_alive_comments(
     monkeypatch.setattr(jobs_api, "KEEPALIVE_S", 0.1)
     client, _ = await gateway(jobs=JobsConfig(run_in_process=False))
     job_id = (await submit(client)).json()["id"]
-    stream = asyncio.ensure_future(_follow(client, job_id))
+    stream = asyncio.ensure_future(follow(client, job_id))
     await asyncio.sleep(0.45)
     await client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH)
     lines = await asyncio.wait_for(stream, 2)
@@ -210,7 +200,7 @@ async def test_a_stream_resumed_after_the_final_event_ends_at_once(
     client, _ = await gateway(jobs=JobsConfig(run_in_process=False))
     job_id = (await submit(client)).json()["id"]
     await client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH)
-    assert await _follow(client, job_id) == ["event: job.queued", "event: job.cancelled"]
+    assert await follow(client, job_id) == ["event: job.queued", "event: job.cancelled"]
     resumed = await asyncio.wait_for(
         client.get(f"/v1/jobs/{job_id}/events", headers={**AUTH, "Last-Event-ID": "2"}), 2
     )

@@ -457,16 +457,18 @@ class BatchService:
 
     async def _cancel_queued(self, batch: Batch) -> None:
         """Cancel the batch's queued jobs, a page at a time (each page is queued jobs that are
-        left, so the loop ends when none is; ``seen`` guards against one that stays)."""
+        left, so the loop ends when none is; ``seen`` guards against one that stays). Streams
+        following them hear of each page at once (the job watch's nudge)."""
         seen: set[str] = set()
         while True:
             page = await self._batch_jobs(batch, JobStatus.QUEUED, first_page_only=True)
-            fresh = [job for job in page if job.id not in seen]
+            fresh = [job.id for job in page if job.id not in seen]
             if not fresh:
                 return
-            for job in fresh:
-                seen.add(job.id)
-                await self._jobs.queue.cancel(job.id)
+            for job_id in fresh:
+                seen.add(job_id)
+                await self._jobs.queue.cancel(job_id)
+            self._jobs.nudge(fresh)
 
     async def _visible(self, principal: Principal, batch_id: str) -> Batch:
         batch = await self._store.get_batch(batch_id)
