@@ -11,16 +11,20 @@ process executes (user space only: no kernel, no waiting, no cache misses), the 
 the same code and inputs whatever else the machine does. It answers "did this change make
 the request path do more work, and how much", not "how long does it take".
 
-For each revision, one ``headrace mock-upstream`` and two gateways run under callgrind with
+For each revision, one ``headrace mock-upstream`` and three gateways run under callgrind with
 collection on from the start; each gateway gets ``--warmup`` requests, its counters are
 zeroed (``callgrind_control -z``), it gets ``--requests`` non-streamed chats one at a time,
 and its counters are dumped (``callgrind_control -d``):
 
 - ``baseline``: the tenancy benchmark's baseline (admin key, no limits, usage off);
 - ``tenant``: a user key with RPM, TPM, parallel and budget limits in a team with its own,
-  ``limits.backend: memory``, usage records into SQLite (the tenancy benchmark's ``memory``).
+  ``limits.backend: memory``, usage records into SQLite (the tenancy benchmark's ``memory``);
+- ``redis+postgres``: the same key, ``limits.backend: redis`` and usage records into a
+  PostgreSQL database created for the run (the tenancy benchmark's ``redis+postgres``):
+  the limiter's client, its script's arguments and replies, and psycopg's work, but not
+  Redis's or PostgreSQL's own (other processes). ``--no-redis`` leaves it out.
 
-Prints instructions per request for each gateway and revision, and ``tenant`` minus
+Prints instructions per request for each gateway and revision, and each tenant minus
 ``baseline`` (what tenancy costs in instructions). The gateways run with
 ``PYTHONHASHSEED=0`` and without the timers that would fire far more often per request
 under callgrind (the job runner; usage records are written by batch). The same code counts
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -44,19 +49,17 @@ import _procs
 from _phases import CHAT, CHAT_PATH
 from _procs import Code, Launcher, Server
 from _report import Table, fmt
-from _tenants import gateway_config, provision
+from _tenants import forget_counters, fresh_postgres, gateway_config, provision
 
 # Work that runs on timers, not per request, is kept out of the count as far as the
 # configuration allows: no job runner in the gateway (its polls), and usage records written
 # by batch size rather than every second (under callgrind a request takes about 50 ms, so a
 # timer would fire many times more often per request than at full speed).
 QUIET = "jobs: {run_in_process: false}\n"
-SETUPS = {
-    "baseline": QUIET + "usage: {enabled: false}\n",
-    "tenant": QUIET
-    + "limits: {backend: memory}\n"
-    + "usage: {batch_size: 50, flush_interval_s: 3600}\n",
-}
+BATCHED = "usage: {batch_size: 50, flush_interval_s: 3600}\n"
+TENANTS = ("tenant", "redis+postgres")  # the gateways with a user key
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 STARTUP_S = 600.0  # a gateway's start under callgrind: about a minute here, alone
 
 
@@ -94,13 +97,36 @@ def counted(gateway: Server, key: str, warmup: int, requests: int, dumps: Path) 
     return Count(int(match.group(1)), requests)
 
 
-def measure(code: Code, workdir: Path, warmup: int, requests: int) -> dict[str, Count]:
-    """Both gateways of one revision, started together, counted one after the other."""
+def setups(postgres: str | None, redis_url: str) -> dict[str, str]:
+    """Each gateway's configuration beyond the mock model (redis+postgres when ``postgres``)."""
+    configs = {
+        "baseline": QUIET + "usage: {enabled: false}\n",
+        "tenant": QUIET + "limits: {backend: memory}\n" + BATCHED,
+    }
+    if postgres is not None:
+        configs["redis+postgres"] = (
+            QUIET
+            + f"limits: {{backend: redis, redis_url: '{redis_url}'}}\n"
+            + f"database_url: '{postgres}'\n"
+            + BATCHED
+        )
+    return configs
+
+
+def measure(
+    code: Code, workdir: Path, warmup: int, requests: int, args: argparse.Namespace
+) -> dict[str, Count]:
+    """The gateways of one revision, started and counted one after the other."""
     counts: dict[str, Count] = {}
     with contextlib.ExitStack() as stack:
         launch = Launcher(stack, workdir, code)
         mock = launch.mock()
-        for name, extra in SETUPS.items():
+        postgres = None
+        if not args.no_redis:
+            postgres = stack.enter_context(fresh_postgres(args.database_url, code))
+        owners: list[str] = []
+        stack.callback(lambda: forget_counters(args.redis_url, tuple(owners)))
+        for name, extra in setups(postgres, args.redis_url).items():
             dumps = workdir / f"{name}.callgrind"
             wrapper = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={dumps}.%p")
             _progress(f"{code.commit or 'working tree'}: {name} gateway under callgrind")
@@ -109,10 +135,13 @@ def measure(code: Code, workdir: Path, warmup: int, requests: int) -> dict[str, 
                 gateway_config(mock, extra),
                 wrapper=("env", "PYTHONHASHSEED=0", *wrapper),
                 healthy_within_s=STARTUP_S,
+                migrate=name == "redis+postgres",
             )
             key = _procs.ADMIN_KEY
-            if name == "tenant":
-                key, _ = provision(gateway, "bench-instructions")
+            if name in TENANTS:
+                team = f"bench-instructions-{os.getpid()}"
+                key, key_id = provision(gateway, team)
+                owners += [key_id, team]
             _progress(f"{code.commit or 'working tree'}: {name}, {warmup} + {requests} requests")
             counts[name] = counted(gateway, key, warmup, requests, dumps)
             gateway.stop()
@@ -127,18 +156,20 @@ def table(sides: dict[str, dict[str, Count]], requests: int) -> Table:
         ["gateway", *labels, "difference"],
     )
     before, after = (sides[label] for label in labels)
-    for name in SETUPS:
+    for name in before:
         a, b = before[name].per_request, after[name].per_request
         result.add(name, fmt(a, 0), fmt(b, 0), f"{fmt(b - a, 0, sign=True)} ({(b - a) / a:+.1%})")
-    tenancy = {
-        label: side["tenant"].per_request - side["baseline"].per_request
-        for label, side in sides.items()
-    }
-    a, b = (tenancy[label] for label in labels)
-    result.add("tenant minus baseline", fmt(a, 0), fmt(b, 0), fmt(b - a, 0, sign=True))
+    for name in TENANTS:
+        if name in before:
+            a, b = (
+                side[name].per_request - side["baseline"].per_request for side in (before, after)
+            )
+            result.add(f"{name} minus baseline", fmt(a, 0), fmt(b, 0), fmt(b - a, 0, sign=True))
     result.notes.append(
         "tenant: a user key with every limit, memory limiter, usage records into SQLite; "
-        "baseline: the admin key, usage off; difference = second column minus first"
+        "redis+postgres: the same key, Redis limiter, usage records into PostgreSQL (the "
+        "gateway's own instructions only); baseline: the admin key, usage off; difference = "
+        "second column minus first"
     )
     return result
 
@@ -150,13 +181,28 @@ def main() -> None:
         "--requests", type=int, default=300, help="counted requests per gateway (a multiple of 50)"
     )
     parser.add_argument("--warmup", type=int, default=50, help="requests before counting")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("HEADRACE_TEST_DATABASE_URL", DEFAULT_DATABASE_URL),
+        help="the PostgreSQL server to create redis+postgres's database on (default: "
+        f"HEADRACE_TEST_DATABASE_URL or {DEFAULT_DATABASE_URL})",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("HEADRACE_TEST_REDIS_URL", DEFAULT_REDIS_URL),
+        help=f"the Redis for redis+postgres (default: HEADRACE_TEST_REDIS_URL or "
+        f"{DEFAULT_REDIS_URL}); its counters are deleted at the end",
+    )
+    parser.add_argument(
+        "--no-redis", action="store_true", help="leave the redis+postgres gateway out"
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
     with _procs.bounded_run(3600) as workdir:
         sides: dict[str, dict[str, Count]] = {}
         for label, code, where in _procs.revisions(args, workdir):
-            sides[label] = measure(code, where, args.warmup, args.requests)
+            sides[label] = measure(code, where, args.warmup, args.requests, args)
         print()
         print(table(sides, args.requests).render())
 
