@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -48,8 +48,7 @@ TOTAL_BUDGET_TTL_S = 10 * 365 * 86_400.0
 _DAY_S = 86_400.0
 
 
-@dataclass(frozen=True, slots=True)
-class Estimate:
+class Estimate(NamedTuple):
     """What a request is expected to use, reserved before the call."""
 
     tokens: int
@@ -111,8 +110,7 @@ class _Plan:
     rates: tuple[tuple[int, str], ...]  # (demand index, '"key-rpm";r=') for RateLimit
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
+class Reservation(NamedTuple):
     lease: str
     demands: tuple[Demand, ...]
     estimate: Estimate

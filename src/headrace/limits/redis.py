@@ -339,10 +339,12 @@ class RedisLimiter:
                 reply = await self._script(self._redis, keys, lease, packed, b"")
         except _FAILURES as exc:
             raise self._unavailable(exc) from exc
-        reply = [int(x) for x in reply[: 3 + 2 * len(demands)]]
+        # RESP integers (the script returns nothing else), which hiredis reads as ints.
         states = tuple(
-            CounterState(d.key, d.limit, reply[3 + 2 * i], reply[4 + 2 * i] / _US)
-            for i, d in enumerate(demands)
+            [
+                CounterState(d.key, d.limit, reply[3 + 2 * i], reply[4 + 2 * i] / _US)
+                for i, d in enumerate(demands)
+            ]
         )
         allowed, refused, retry_us = reply[:3]
         if allowed:
