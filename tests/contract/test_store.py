@@ -373,7 +373,7 @@ async def test_request_recorded_looks_within_a_team_or_a_key(usage: Store) -> No
     assert not await usage.request_recorded("req-zzz")
     # A client's own X-Request-Id may repeat in another team: each team finds its own.
     await usage.write_usage([record("twin", key_id="k2", team_id="t2")])
-    twin = dataclasses.replace(record("twin2", key_id="k2", team_id="t2"), request_id="req-a")
+    twin = record("twin2", key_id="k2", team_id="t2")._replace(request_id="req-a")
     await usage.write_usage([twin])
     assert await usage.request_recorded("req-a", team_id="t2")
 

@@ -455,8 +455,8 @@ async def test_a_torn_last_line_is_skipped_with_a_warning(
     sink: SwitchableSink, spool: Path
 ) -> None:
     spool.mkdir()
-    whole = b"".join(orjson.dumps(make_record(i)) + b"\n" for i in range(3))
-    torn = orjson.dumps(make_record(3))[:40]
+    whole = b"".join(orjson.dumps(make_record(i)._asdict()) + b"\n" for i in range(3))
+    torn = orjson.dumps(make_record(3)._asdict())[:40]
     (spool / "usage-20260101T000000000000Z-1-000001.jsonl").write_bytes(whole + torn)
 
     writer = writer_for(sink, spool)
@@ -474,7 +474,11 @@ async def test_a_corrupt_line_is_logged_and_the_rest_replayed(
     sink: SwitchableSink, spool: Path
 ) -> None:
     spool.mkdir()
-    lines = [orjson.dumps(make_record(0)), b"{not json", orjson.dumps(make_record(1))]
+    lines = [
+        orjson.dumps(make_record(0)._asdict()),
+        b"{not json",
+        orjson.dumps(make_record(1)._asdict()),
+    ]
     (spool / "usage-20260101T000000000000Z-1-000001.jsonl").write_bytes(b"\n".join(lines) + b"\n")
 
     writer = writer_for(sink, spool)

@@ -147,7 +147,8 @@ class Spool:
 
 
 def encode(records: Iterable[UsageRecord]) -> bytes:
-    return b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
+    """One JSON object per line (``orjson`` refuses the named tuple itself)."""
+    return b"".join(orjson.dumps(r._asdict(), option=orjson.OPT_APPEND_NEWLINE) for r in records)
 
 
 def _fsync(current: int | None, retired: Sequence[int], directory: Path | None) -> None:

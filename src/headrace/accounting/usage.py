@@ -378,7 +378,7 @@ class UsageWriter:
     def _lost(self, records: Iterable[UsageRecord], exc: OSError) -> None:
         for record in records:
             self.unspooled += 1
-            line = orjson.dumps(record).decode()
+            line = orjson.dumps(record._asdict()).decode()
             log.error("usage_record_unspooled", error=repr(exc), record=line)
 
     # -- replay -----------------------------------------------------------------------------
