@@ -349,6 +349,34 @@ async def test_an_unreachable_redis_raises_limiter_unavailable_quickly(
     await limiter.aclose()
 
 
+async def test_redis_losing_the_script_loads_it_again(redis_url: str | None) -> None:
+    # As after a restart of a Redis that keeps data but not scripts: EVALSHA answers NOSCRIPT.
+    if not redis_url:
+        pytest.skip(NO_REDIS)
+    from redis.asyncio import Redis
+
+    from headrace.limits.redis import RedisLimiter
+
+    prefix = f"headrace-test:lim:{uuid.uuid4().hex}:"
+    limiter = RedisLimiter(redis_url, prefix=prefix, timeout_s=5.0)
+    client = Redis.from_url(redis_url)
+    try:
+        demands = [rpm(10), Demand("key:k1:parallel", CONCURRENCY, 5, 1, 60.0)]
+        assert (await limiter.acquire(demands, "r0")).allowed
+        await client.script_flush()
+        decision = await limiter.acquire(demands, "r1")  # an acquire's own command
+        assert decision.allowed
+        assert [s.remaining for s in decision.states] == [8, 3]
+        await client.script_flush()
+        assert await limiter.settle([settle_of(d) for d in demands], "r1") == (2, 1)
+    finally:
+        await limiter.aclose()
+        names = [n async for n in client.scan_iter(match=f"{prefix}*")]
+        if names:
+            await client.delete(*names)
+        await client.aclose()
+
+
 async def test_redis_closing_the_connections_costs_no_call(redis_url: str | None) -> None:
     # As after a Redis restart: the pooled connections are dead, the next calls reconnect.
     if not redis_url:

@@ -66,14 +66,14 @@ def settled(tokens_delta: int) -> list[Settlement]:
 def count_calls(limiter: RedisLimiter, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The commands ``limiter`` sends from now on (their names)."""
     sent: list[str] = []
-    connections = limiter._redis
-    call = connections.call
+    connection = limiter._redis
+    send = connection.send
 
-    async def counted(*args: str | int) -> Any:
-        sent.append(str(args[0]))
-        return await call(*args)
+    async def counted(command: bytes) -> Any:
+        sent.append(command.split(b"\r\n", 3)[2].decode())  # *N, $length, the name
+        return await send(command)
 
-    monkeypatch.setattr(connections, "call", counted)
+    monkeypatch.setattr(connection, "send", counted)
     return sent
 
 

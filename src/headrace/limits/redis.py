@@ -66,7 +66,7 @@ from headrace.limits.base import (
     LimitKind,
     Settlement,
 )
-from headrace.limits.resp import RespConnection
+from headrace.limits.resp import RespConnection, bulk, encode
 
 _KIND = {LimitKind.RATE: b"r", LimitKind.CONCURRENCY: b"c", LimitKind.BUDGET: b"b"}
 _COUNTER = {LimitKind.RATE: "R", LimitKind.CONCURRENCY: "c", LimitKind.BUDGET: "b"}  # key letters
@@ -261,16 +261,27 @@ class _Script:
     """A Lua script run by ``EVALSHA``, loaded again when Redis has lost it (a restart)."""
 
     def __init__(self, source: str) -> None:
-        self._source = source
+        self._load = encode("SCRIPT", "LOAD", source)
         self._sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
-    async def __call__(self, redis: RespConnection, keys: list[str], *args: str | bytes) -> Any:
-        """``EVALSHA`` with ``keys`` and ``args``; the reply."""
+    def command(self, keys: Sequence[str], *args: str | bytes) -> bytes:
+        """``EVALSHA`` with ``keys`` and ``args``, encoded."""
+        return encode("EVALSHA", self._sha, len(keys), *keys, *args)
+
+    def head(self, keys: Sequence[str], more: int) -> bytes:
+        """The start of an encoded ``EVALSHA`` with ``keys`` that ``more`` arguments follow,
+        each a :func:`~headrace.limits.resp.bulk` the caller appends."""
+        start = (b"EVALSHA", self._sha.encode(), b"%d" % len(keys), *[k.encode() for k in keys])
+        return b"*%d\r\n%b" % (len(start) + more, b"".join([bulk(part) for part in start]))
+
+    async def __call__(self, redis: RespConnection, command: bytes) -> Any:
+        """Send ``command``, an ``EVALSHA`` of this script (loading it first if Redis lost
+        it); the reply."""
         try:
-            return await redis.call("EVALSHA", self._sha, len(keys), *keys, *args)
+            return await redis.send(command)
         except redis_errors.NoScriptError:
-            await redis.call("SCRIPT", "LOAD", self._source)
-            return await redis.call("EVALSHA", self._sha, len(keys), *keys, *args)
+            await redis.send(self._load)
+            return await redis.send(command)
 
 
 @dataclass(slots=True)
@@ -316,6 +327,9 @@ class RedisLimiter:
         self._held: list[_Held] = []
         self._timer: asyncio.TimerHandle | None = None
         self._carriers: set[asyncio.Task[list[Any]]] = set()  # calls carrying settlements
+        # An acquire's EVALSHA up to its lease, by its counters: a key and its team send the
+        # same ones on every request, and encoding them cost more than the rest of the command.
+        self._heads: dict[tuple[tuple[LimitKind, str], ...], bytes] = {}
 
     async def start(self) -> None:
         """Nothing: connections open on first use (see :meth:`check`)."""
@@ -323,8 +337,6 @@ class RedisLimiter:
     async def acquire(self, demands: Sequence[Demand], lease: str) -> Decision:
         if not demands:
             return Decision(True, ())
-        prefix = self._prefix
-        keys = [f"{prefix}{_COUNTER[d.kind]}:{d.key}" for d in demands]
         pack = _RECORD.pack
         packed = b"".join(
             [pack(_KIND[d.kind], d.limit, d.amount, _micros(d.window_s), d.seed) for d in demands]
@@ -333,10 +345,14 @@ class RedisLimiter:
             if self._held:
                 # In a task of its own: a caller cancelled mid-call (its client left) must not
                 # leave the settlements it carries unanswered.
-                call = self._carry(keys, lease, packed)
+                call = self._carry(self._keys(demands), lease, packed)
                 reply = await asyncio.shield(call)
             else:
-                reply = await self._script(self._redis, keys, lease, packed, b"")
+                counters = tuple([(d.kind, d.key) for d in demands])
+                head = self._heads.get(counters) or self._head(counters)
+                # ARGV: the lease, the demands, no settlements.
+                command = b"".join([head, bulk(lease.encode()), bulk(packed), b"$0\r\n\r\n"])
+                reply = await self._script(self._redis, command)
         except _FAILURES as exc:
             raise self._unavailable(exc) from exc
         # RESP integers (the script returns nothing else), which hiredis reads as ints.
@@ -391,6 +407,20 @@ class RedisLimiter:
             await asyncio.gather(*self._carriers, return_exceptions=True)
         await self._redis.aclose()
 
+    def _keys(self, demands: Sequence[Demand | Settlement]) -> list[str]:
+        """The Redis keys of these counters."""
+        prefix = self._prefix
+        return [f"{prefix}{_COUNTER[d.kind]}:{d.key}" for d in demands]
+
+    def _head(self, counters: tuple[tuple[LimitKind, str], ...]) -> bytes:
+        """An acquire's ``EVALSHA`` up to its lease, kept for the next with these counters."""
+        prefix = self._prefix
+        head = self._script.head([f"{prefix}{_COUNTER[k]}:{key}" for k, key in counters], 3)
+        if len(self._heads) >= 10_000:  # bounded: keys and teams come and go
+            self._heads.clear()
+        self._heads[counters] = head
+        return head
+
     # -- settlements held ----------------------------------------------------------------------
 
     def _flush(self) -> None:
@@ -413,7 +443,6 @@ class RedisLimiter:
         self, held: list[_Held], keys: list[str], lease: str, packed: bytes
     ) -> list[Any]:
         """Run the script with ``held``'s settlements first; answer each of them; the reply."""
-        prefix = self._prefix
         pack = _RECORD.pack
         settled: list[str] = []
         records: list[bytes] = []
@@ -421,13 +450,14 @@ class RedisLimiter:
         for h in held:
             leases.append(h.lease)
             where = 3 + len(leases)  # the lease's index in ARGV
+            settled += self._keys(h.settlements)
             for s in h.settlements:
-                settled.append(f"{prefix}{_COUNTER[s.kind]}:{s.key}")
                 records.append(pack(_KIND[s.kind], s.delta, s.limit, _micros(s.window_s), where))
         try:
-            reply: list[Any] = await self._script(
-                self._redis, [*settled, *keys], lease, packed, b"".join(records), *leases
+            command = self._script.command(
+                [*settled, *keys], lease, packed, b"".join(records), *leases
             )
+            reply: list[Any] = await self._script(self._redis, command)
         except BaseException as exc:
             error = self._unavailable(exc)
             for h in held:

@@ -52,11 +52,17 @@ class ConnectionLostError(redis_errors.ConnectionError):
     """The connection went away with the command on it; the command may or may not have run."""
 
 
-def _pack(args: tuple[str | int | bytes, ...]) -> bytes:
+def encode(*args: str | int | bytes) -> bytes:
     """One command in RESP (an array of bulk strings)."""
     # hiredis's stub types the argument as a tuple of one item; it takes any number.
     packed: bytes = hiredis.pack_command(cast(Any, args))
     return packed
+
+
+def bulk(value: bytes) -> bytes:
+    """One bulk string, for a caller that assembles a command from parts it keeps encoded
+    (an array header ``*N\\r\\n`` and ``N`` of these)."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
 
 
 def _error(reply: hiredis.ReplyError) -> redis_errors.ResponseError:
@@ -178,7 +184,10 @@ class RespConnection:
 
     async def call(self, *args: str | int | bytes) -> Any:
         """Send one command and return its reply; raise redis-py's exceptions."""
-        command = _pack(args)
+        return await self.send(encode(*args))
+
+    async def send(self, command: bytes) -> Any:
+        """:meth:`call` with the command already encoded (see :func:`encode`)."""
         protocol = self._protocol
         if protocol is None or protocol.closed:
             protocol = await self._open()
@@ -241,7 +250,7 @@ class RespConnection:
             commands.append(["SELECT", options["db"]])
         if options.get("client_name"):
             commands.append(["CLIENT", "SETNAME", options["client_name"]])
-        replies = [protocol.send(_pack(tuple(command))) for command in commands]
+        replies = [protocol.send(encode(*command)) for command in commands]
         for reply in replies:
             await reply
 
