@@ -10,6 +10,7 @@ the fresh PostgreSQL database of bench/usage_writer.py.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import json
@@ -31,6 +32,8 @@ import _procs
 from _phases import CHAT, CHAT_PATH, Target
 from _procs import Code, Launcher, Server
 
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 PRICE_PER_MTOK_USD = (0.15, 0.60)  # so that requests cost something and budgets move
 # Limits that a benchmark never reaches, yet every one is checked on every request.
 NEVER_RPM = 10**9
@@ -82,6 +85,22 @@ def by_status(counts: dict[int, int]) -> str:
 
 
 # -- the gateways ---------------------------------------------------------------------------
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """``--database-url`` and ``--redis-url``: the servers of the redis+postgres gateway."""
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("HEADRACE_TEST_DATABASE_URL", DEFAULT_DATABASE_URL),
+        help="the PostgreSQL server to create the run's database on (default: "
+        f"HEADRACE_TEST_DATABASE_URL or {DEFAULT_DATABASE_URL})",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("HEADRACE_TEST_REDIS_URL", DEFAULT_REDIS_URL),
+        help=f"the Redis for limits.backend redis (default: HEADRACE_TEST_REDIS_URL or "
+        f"{DEFAULT_REDIS_URL}); the run's counters are deleted at the end",
+    )
 
 
 def gateway_config(mock: Server, extra: str) -> str:

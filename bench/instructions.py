@@ -49,7 +49,13 @@ import _procs
 from _phases import CHAT, CHAT_PATH
 from _procs import Code, Launcher, Server
 from _report import Table, fmt
-from _tenants import forget_counters, fresh_postgres, gateway_config, provision
+from _tenants import (
+    add_server_options,
+    forget_counters,
+    fresh_postgres,
+    gateway_config,
+    provision,
+)
 
 # Work that runs on timers, not per request, is kept out of the count as far as the
 # configuration allows: no job runner in the gateway (its polls), and usage records written
@@ -58,8 +64,6 @@ from _tenants import forget_counters, fresh_postgres, gateway_config, provision
 QUIET = "jobs: {run_in_process: false}\n"
 BATCHED = "usage: {batch_size: 50, flush_interval_s: 3600}\n"
 TENANTS = ("tenant", "redis+postgres")  # the gateways with a user key
-DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 STARTUP_S = 600.0  # a gateway's start under callgrind: about a minute here, alone
 
 
@@ -181,18 +185,7 @@ def main() -> None:
         "--requests", type=int, default=300, help="counted requests per gateway (a multiple of 50)"
     )
     parser.add_argument("--warmup", type=int, default=50, help="requests before counting")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("HEADRACE_TEST_DATABASE_URL", DEFAULT_DATABASE_URL),
-        help="the PostgreSQL server to create redis+postgres's database on (default: "
-        f"HEADRACE_TEST_DATABASE_URL or {DEFAULT_DATABASE_URL})",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("HEADRACE_TEST_REDIS_URL", DEFAULT_REDIS_URL),
-        help=f"the Redis for redis+postgres (default: HEADRACE_TEST_REDIS_URL or "
-        f"{DEFAULT_REDIS_URL}); its counters are deleted at the end",
-    )
+    add_server_options(parser)
     parser.add_argument(
         "--no-redis", action="store_true", help="leave the redis+postgres gateway out"
     )

@@ -55,6 +55,7 @@ from _tenants import (
     Accounting,
     Setup,
     accounting,
+    add_server_options,
     by_status,
     describe_events,
     forget_counters,
@@ -71,8 +72,6 @@ from overhead import Arrangement, cores_text
 if TYPE_CHECKING:
     from usage_writer import Run
 
-DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 GOAL_DELTA_MS = 0.3
 GOAL_RECORDS_PER_S = 10_000
 CONFIGS = ("baseline", "memory", "redis+postgres")
@@ -583,18 +582,7 @@ def runs_table(runs: list[list[Goal]], combined: list[Goal]) -> Table:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests, one writer run")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("HEADRACE_TEST_DATABASE_URL", DEFAULT_DATABASE_URL),
-        help="the PostgreSQL server to create the run's database on (default: "
-        f"HEADRACE_TEST_DATABASE_URL or {DEFAULT_DATABASE_URL})",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("HEADRACE_TEST_REDIS_URL", DEFAULT_REDIS_URL),
-        help=f"the Redis for limits.backend redis (default: HEADRACE_TEST_REDIS_URL or "
-        f"{DEFAULT_REDIS_URL}); the run's counters are deleted at the end",
-    )
+    add_server_options(parser)
     parser.add_argument(
         "--pin",
         choices=["split", "none"],

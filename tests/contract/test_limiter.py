@@ -371,10 +371,8 @@ async def test_redis_losing_the_script_loads_it_again(redis_url: str | None) -> 
         assert await limiter.settle([settle_of(d) for d in demands], "r1") == (2, 1)
     finally:
         await limiter.aclose()
-        names = [n async for n in client.scan_iter(match=f"{prefix}*")]
-        if names:
-            await client.delete(*names)
         await client.aclose()
+        await delete_keys(redis_url, prefix)
 
 
 async def test_redis_closing_the_connections_costs_no_call(redis_url: str | None) -> None:
@@ -403,10 +401,8 @@ async def test_redis_closing_the_connections_costs_no_call(redis_url: str | None
         assert await limiter.first_time("flag", 10.0)
     finally:
         await limiter.aclose()
-        names = [n async for n in client.scan_iter(match=f"{prefix}*")]
-        if names:
-            await client.delete(*names)
         await client.aclose()
+        await delete_keys(redis_url, prefix)
 
 
 async def test_redis_a_cancelled_call_is_cancelled_and_the_next_ones_answer_in_order(
