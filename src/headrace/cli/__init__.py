@@ -41,6 +41,7 @@ def serve(
     from headrace.api import create_app
     from headrace.api.wire import validate_job
     from headrace.cli.heap import settled_heap
+    from headrace.cli.http import HttpProtocol
     from headrace.observability.logging import configure_logging
     from headrace.worker.process import attach_workers
 
@@ -63,7 +64,7 @@ def serve(
         host=server_host,
         port=server_port,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
+        http=HttpProtocol,  # uvicorn's httptools protocol, an answer in one write
         lifespan="on",
         access_log=False,
         log_level="warning",
