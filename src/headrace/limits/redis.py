@@ -327,9 +327,11 @@ class RedisLimiter:
         self._held: list[_Held] = []
         self._timer: asyncio.TimerHandle | None = None
         self._carriers: set[asyncio.Task[list[Any]]] = set()  # calls carrying settlements
-        # An acquire's EVALSHA up to its lease, by its counters: a key and its team send the
-        # same ones on every request, and encoding them cost more than the rest of the command.
+        # The start of an EVALSHA, by its counters: an acquire's up to its lease, and a lone
+        # settlement's up to its records. A key and its team send the same counters on every
+        # request, and encoding them cost more than the rest of the command.
         self._heads: dict[tuple[tuple[LimitKind, str], ...], bytes] = {}
+        self._flushes: dict[tuple[tuple[LimitKind, str], ...], bytes] = {}
 
     async def start(self) -> None:
         """Nothing: connections open on first use (see :meth:`check`)."""
@@ -349,7 +351,7 @@ class RedisLimiter:
                 reply = await asyncio.shield(call)
             else:
                 counters = tuple([(d.kind, d.key) for d in demands])
-                head = self._heads.get(counters) or self._head(counters)
+                head = self._heads.get(counters) or self._head(counters, self._heads, 3)
                 # ARGV: the lease, the demands, no settlements.
                 command = b"".join([head, bulk(lease.encode()), bulk(packed), b"$0\r\n\r\n"])
                 reply = await self._script(self._redis, command)
@@ -412,13 +414,19 @@ class RedisLimiter:
         prefix = self._prefix
         return [f"{prefix}{_COUNTER[d.kind]}:{d.key}" for d in demands]
 
-    def _head(self, counters: tuple[tuple[LimitKind, str], ...]) -> bytes:
-        """An acquire's ``EVALSHA`` up to its lease, kept for the next with these counters."""
+    def _head(
+        self,
+        counters: tuple[tuple[LimitKind, str], ...],
+        heads: dict[tuple[tuple[LimitKind, str], ...], bytes],
+        more: int,
+    ) -> bytes:
+        """The start of an ``EVALSHA`` on these counters that ``more`` arguments follow, kept
+        in ``heads`` for the next call with them."""
         prefix = self._prefix
-        head = self._script.head([f"{prefix}{_COUNTER[k]}:{key}" for k, key in counters], 3)
-        if len(self._heads) >= 10_000:  # bounded: keys and teams come and go
-            self._heads.clear()
-        self._heads[counters] = head
+        head = self._script.head([f"{prefix}{_COUNTER[k]}:{key}" for k, key in counters], more)
+        if len(heads) >= 10_000:  # bounded: keys and teams come and go
+            heads.clear()
+        heads[counters] = head
         return head
 
     # -- settlements held ----------------------------------------------------------------------
@@ -444,19 +452,30 @@ class RedisLimiter:
     ) -> list[Any]:
         """Run the script with ``held``'s settlements first; answer each of them; the reply."""
         pack = _RECORD.pack
-        settled: list[str] = []
+        settled = 0
         records: list[bytes] = []
-        leases: list[str] = []
+        leases: list[bytes] = []
         for h in held:
-            leases.append(h.lease)
+            leases.append(h.lease.encode())
             where = 3 + len(leases)  # the lease's index in ARGV
-            settled += self._keys(h.settlements)
+            settled += len(h.settlements)
             for s in h.settlements:
                 records.append(pack(_KIND[s.kind], s.delta, s.limit, _micros(s.window_s), where))
         try:
-            command = self._script.command(
-                [*settled, *keys], lease, packed, b"".join(records), *leases
-            )
+            if keys or len(held) > 1:
+                command = self._script.command(
+                    [*self._keys([s for h in held for s in h.settlements]), *keys],
+                    lease,
+                    packed,
+                    b"".join(records),
+                    *leases,
+                )
+            else:  # one request's settlement on its own, as at a moderate rate: a kept start
+                counters = tuple([(s.kind, s.key) for s in held[0].settlements])
+                head = self._flushes.get(counters) or self._head(counters, self._flushes, 4)
+                # ARGV: no acquiring lease, no demands, the records, the settlement's lease.
+                tail = [b"$0\r\n\r\n$0\r\n\r\n", bulk(b"".join(records)), bulk(leases[0])]
+                command = b"".join([head, *tail])
             reply: list[Any] = await self._script(self._redis, command)
         except BaseException as exc:
             error = self._unavailable(exc)
@@ -464,7 +483,7 @@ class RedisLimiter:
                 if not h.done.done():
                     h.done.set_exception(error)
             raise
-        values = [int(x) for x in reply[len(reply) - len(settled) :]]
+        values = reply[len(reply) - settled :]  # RESP integers, read by hiredis as ints
         start = 0
         for h in held:
             end = start + len(h.settlements)
