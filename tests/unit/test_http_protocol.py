@@ -100,3 +100,12 @@ async def test_abort_drops_what_is_held_and_a_closed_transport_gets_nothing() ->
     transport.closing = True  # the peer went away within the turn
     await asyncio.sleep(0)
     assert transport.calls == []
+
+
+async def test_a_buffer_changed_after_its_write_is_sent_as_it_was_written() -> None:
+    turn, transport = writer()
+    buffer = bytearray(b"as written")
+    turn.write(buffer)
+    buffer[:] = b"changed!!!"
+    await asyncio.sleep(0)
+    assert transport.calls == [("write", [b"as written"])]

@@ -40,7 +40,9 @@ class TurnWriter(asyncio.Transport):
     def write(self, data: _Data) -> None:
         held = self._held
         if held is None:
-            self._held = data
+            # Held past the call: a buffer the caller may change afterwards is copied, as the
+            # transport copies what it cannot send at once.
+            self._held = data if type(data) is bytes else bytes(data)
             self._loop.call_soon(self._release)
         else:
             self._held = None
