@@ -103,30 +103,24 @@ def measure(plan: Plan, mock: Server, gateways: dict[str, Server], quiet: Quiet)
         warmup_s=plan.warmup_s,
         quiet=quiet,
     )
-    _progress(f"{plan.count} non-streamed requests per side at {plan.rate:g}/s")
-    quiet.wait()
-    fixed = open_loop(
-        targets,
-        servers,
-        stream=False,
-        rate=plan.rate,
-        count=plan.count,
-        blocks=plan.blocks,
-        warmup_s=plan.warmup_s,
-        quiet=quiet,
-    )
-    _progress(f"{plan.stream_count} streamed requests per side at {plan.stream_rate:g}/s")
-    quiet.wait()
-    streamed = open_loop(
-        targets,
-        servers,
-        stream=True,
-        rate=plan.stream_rate,
-        count=plan.stream_count,
-        blocks=plan.stream_blocks,
-        warmup_s=plan.warmup_s,
-        quiet=quiet,
-    )
+
+    def fixed_rate(stream: bool, rate: float, count: int, blocks: int) -> dict[str, Phase]:
+        kind = "streamed" if stream else "non-streamed"
+        _progress(f"{count} {kind} requests per side at {rate:g}/s")
+        quiet.wait()
+        return open_loop(
+            targets,
+            servers,
+            stream=stream,
+            rate=rate,
+            count=count,
+            blocks=blocks,
+            warmup_s=plan.warmup_s,
+            quiet=quiet,
+        )
+
+    fixed = fixed_rate(False, plan.rate, plan.count, plan.blocks)
+    streamed = fixed_rate(True, plan.stream_rate, plan.stream_count, plan.stream_blocks)
     return Figures(fixed, streamed, sat)
 
 

@@ -6,13 +6,14 @@ them with the official ``openai`` SDK.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import uvicorn
 
 from tests.sockets import free_port
 
@@ -77,6 +79,22 @@ def start(
         time.sleep(0.1)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"headrace {args[0]} did not become healthy:\n{server.output()}")
+
+
+@contextlib.asynccontextmanager
+async def in_process(config: uvicorn.Config) -> AsyncIterator[uvicorn.Server]:
+    """uvicorn serving ``config`` in this test's event loop, started and, on exit, stopped."""
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    async with asyncio.timeout(30):
+        while not server.started:
+            assert not serving.done(), "uvicorn stopped before it started"
+            await asyncio.sleep(0.01)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        await serving
 
 
 def serve(config: Path, log: Path, data_dir: Path, env: dict[str, str] | None = None) -> Server:

@@ -19,7 +19,7 @@ from headrace.gateway.auth import new_key, new_secret
 from headrace.wiring import Runtime, build_runtime
 from headrace.worker.process import attach_workers
 from tests.conftest import make_settings
-from tests.e2e.conftest import free_port
+from tests.e2e.conftest import free_port, in_process
 from tests.fakes.recording_store import RecordingStore
 
 pytestmark = pytest.mark.e2e
@@ -35,19 +35,9 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Runtime, RecordingStore,
     rt = build_runtime(make_settings(tmp_path), store=store, validate_job=validate_job)
     attach_workers(rt)
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(rt), host="127.0.0.1", port=port, log_config=None)
-    )
-    serving = asyncio.create_task(server.serve())
-    async with asyncio.timeout(30):
-        while not server.started:
-            assert not serving.done(), "uvicorn stopped before it started"
-            await asyncio.sleep(0.01)
-    try:
+    config = uvicorn.Config(create_app(rt), host="127.0.0.1", port=port, log_config=None)
+    async with in_process(config):
         yield rt, store, port
-    finally:
-        server.should_exit = True
-        await serving
 
 
 def answered(rt: Runtime, status: str, route: str = ROUTE) -> float:

@@ -12,6 +12,7 @@ import pytest
 import uvicorn
 
 from headrace.cli.http import HttpProtocol
+from tests.e2e.conftest import in_process
 from tests.sockets import free_port
 
 pytestmark = pytest.mark.e2e
@@ -73,17 +74,8 @@ async def port() -> AsyncIterator[int]:
     Counted.calls = []
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, http=Counted, log_config=None)
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve())
-    async with asyncio.timeout(30):
-        while not server.started:
-            assert not serving.done(), "uvicorn stopped before it started"
-            await asyncio.sleep(0.01)
-    try:
+    async with in_process(config):
         yield port
-    finally:
-        server.should_exit = True
-        await serving
 
 
 def request(path: str, *, close: bool = False) -> bytes:
