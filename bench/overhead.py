@@ -207,6 +207,7 @@ def header(quick: bool, layout: Arrangement, code: Code) -> str:
             f"machine: {len(_procs.ALL_CORES)} cores ({cpu}), Linux {platform.release()}, "
             f"Python {platform.python_version()}; at start: load average {load}, "
             f"other processes {busy:.0f}% of a core",
+            f"speed: {_procs.machine_speed()}",
             f"code: {code.describe()}",
             f"load generators: {saturation_tool} for saturation, python/aiohttp open loop "
             "(own process) for fixed rates",

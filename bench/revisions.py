@@ -180,6 +180,7 @@ def run(plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
         labels[side] = codes[side].commit or "working tree"
         print(f"{side}: {codes[side].describe()}", flush=True)
     saturation_tool = "wrk" if _wrk.available() else "python/aiohttp (wrk not installed)"
+    print(f"speed: {_procs.machine_speed()}", flush=True)
     print(f"cores: {layout.describe()}; saturation: {saturation_tool}", end="\n\n", flush=True)
     runs = []
     for index in range(args.runs):
