@@ -7,6 +7,7 @@ Python load generator (``_load.py``, closed mode) and says so.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ class WrkResult:
     errors: int  # non-2xx answers and socket errors
     cpu_s: float  # wrk's own user + system CPU over its whole run
     elapsed_s: float
+    latency_mean_ms: float  # wrk's mean latency per request
 
 
 def available() -> bool:
@@ -93,10 +95,13 @@ def _parse(text: str, cpu_s: float) -> WrkResult:
     socket_errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
     failed = int(non_2xx.group(1)) if non_2xx else 0
+    latency = re.search(r"Latency\s+([\d.]+)(us|ms|s|m)\b", text)
+    mean_ms = float(latency.group(1)) * _UNITS_S[latency.group(2)] * 1000 if latency else math.nan
     return WrkResult(
         # Only successful answers count: an error page is cheaper than a completion.
         ok=requests - failed,
         errors=failed + socket_errors,
         cpu_s=cpu_s,
         elapsed_s=elapsed_s,
+        latency_mean_ms=mean_ms,
     )

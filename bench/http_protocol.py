@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -69,24 +67,6 @@ def serve(protocol: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http=http, log_level="warning")
 
 
-def wrk_latency_ms(url: str, seconds: float) -> float:
-    """wrk's mean latency with one connection, in ms."""
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        script.write('wrk.method = "POST"\nwrk.body = "{}"\n')
-        script.flush()
-        done = subprocess.run(
-            ["wrk", "-t1", "-c1", f"-d{round(seconds)}s", "-s", script.name, url],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    found = re.search(r"Latency\s+([\d.]+)(us|ms|s)", done.stdout)
-    if found is None:
-        raise RuntimeError(f"cannot read wrk's latency:\n{done.stdout}")
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[found.group(2)]
-    return float(found.group(1)) * scale
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=8, help="blocks per side (default 8)")
@@ -125,7 +105,8 @@ def main() -> None:
                 rates[side].append(result.ok / result.elapsed_s)
                 cpu[side].append(1e6 * used / max(1, result.ok))
             for side in order:
-                latency[side].append(wrk_latency_ms(servers[side].url + "/", 1))
+                one = _wrk.run(servers[side].url + "/", "{}", {}, 1, 1)
+                latency[side].append(one.latency_mean_ms)
     finally:
         for server in servers.values():
             server.stop()
