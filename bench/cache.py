@@ -1,12 +1,15 @@
 """Response-cache benchmark: hit vs miss throughput, hit latency, a replayed workload.
 
-    .venv/bin/python bench/cache.py [--quick] [--repeat-rate 0.3] [--requests N]
+    .venv/bin/python bench/cache.py [--quick] [--repeat-rate 0.3] [--requests N] [--commit REV]
 
 Starts ``headrace mock-upstream`` (0 ms) and ``headrace serve`` (auth, metrics and access log
 on; memory cache backend), pins the gateway to core 0 and everything else to core 1, and prints:
 
 1. requests/s at saturation for misses (``Cache-Control: no-cache``: the full upstream path,
-   answer stored) and for hits (one request repeated), and their ratio (goal: hits >= 3x);
+   answer stored) and for hits (one request repeated), and their ratio (goal: hits >= 3x),
+   with the gateway's CPU per request for each; the load comes from ``wrk`` when it is
+   installed (a Python client on core 1 tops out below the gateway's hit rate on slower
+   machines, and then the ratio measures the client), else from a Python closed loop;
 2. a hit's time inside the gateway, from its own ``headrace_overhead_seconds{stage="cache_hit"}``
    histogram (goal: p99 <= 1 ms), and the client-side latency of hits at a fixed rate;
 3. a replayed workload with a stated repeat rate: hit ratio, upstream calls avoided, and cost
@@ -23,6 +26,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +36,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _procs
+import _wrk
 from _report import (
     Dist,
     Goal,
@@ -96,8 +101,38 @@ async def send(
         )
 
 
-async def saturate(url: str, make: object, duration_s: float, connections: int) -> float:
-    """Closed loop: requests/s with ``connections`` clients sending ``make(i)`` bodies."""
+async def saturate(
+    gateway: _procs.Server,
+    make: Callable[[int], tuple[bytes, dict[str, str]]],
+    duration_s: float,
+    connections: int,
+) -> tuple[float, float]:
+    """Requests/s with ``connections`` clients sending ``make(i)``, and the gateway's CPU
+    per request (ms). wrk sends ``make(0)`` each time (with ``no-cache`` every request is a
+    miss whatever its body); the Python loop, a body per request."""
+    url = gateway.url + "/v1/chat/completions"
+    before = _procs.CpuSample.of(gateway.pid)
+    if _wrk.available():
+        data, headers = make(0)
+        run = await asyncio.to_thread(
+            _wrk.run, url, data.decode(), headers, connections, duration_s
+        )
+        if run.errors:
+            raise RuntimeError(f"{run.errors} errors during saturation")
+        count, elapsed_s = run.ok, run.elapsed_s
+    else:
+        count, elapsed_s = await _closed_loop(url, make, duration_s, connections)
+    cpu_s = _procs.CpuSample.of(gateway.pid).cpu_s - before.cpu_s
+    return count / elapsed_s, cpu_s * 1000 / count
+
+
+async def _closed_loop(
+    url: str,
+    make: Callable[[int], tuple[bytes, dict[str, str]]],
+    duration_s: float,
+    connections: int,
+) -> tuple[int, float]:
+    """Python clients on one connection each: requests answered, and the seconds taken."""
     count = 0
     deadline = time.perf_counter() + duration_s
     connector = aiohttp.TCPConnector(limit=connections)
@@ -107,7 +142,7 @@ async def saturate(url: str, make: object, duration_s: float, connections: int) 
             nonlocal count
             i = worker
             while time.perf_counter() < deadline:
-                data, headers = make(i)  # type: ignore[operator]
+                data, headers = make(i)
                 reply = await send(session, url, data, headers)
                 if reply.status != 200:
                     raise RuntimeError(f"HTTP {reply.status} during saturation")
@@ -116,7 +151,7 @@ async def saturate(url: str, make: object, duration_s: float, connections: int) 
 
         started = time.perf_counter()
         await asyncio.gather(*(client(w) for w in range(connections)))
-        return count / (time.perf_counter() - started)
+        return count, time.perf_counter() - started
 
 
 async def open_loop(url: str, bodies: list[bytes], rate: float) -> list[Reply]:
@@ -173,14 +208,22 @@ async def measure(gateway: _procs.Server, mock: _procs.Server, args: argparse.Na
 
     # 1. throughput
     miss_headers = {**AUTH, "Cache-Control": "no-cache"}
-    miss_rps = await saturate(url, lambda i: (body(f"miss {i}"), miss_headers), seconds, 32)
+    miss_rps, miss_cpu = await saturate(
+        gateway, lambda i: (body(f"miss {i}"), miss_headers), seconds, 32
+    )
     hit_body = body("the same question every time")
     await send_once(url, hit_body)
-    hit_rps = await saturate(url, lambda i: (hit_body, AUTH), seconds, 32)
-    table = Table("Throughput at saturation, 32 connections, upstream 0 ms", ["figure", "value"])
+    hit_rps, hit_cpu = await saturate(gateway, lambda i: (hit_body, AUTH), seconds, 32)
+    tool = "wrk -t1" if _wrk.available() else "a Python closed loop (wrk not installed)"
+    table = Table(
+        f"Throughput at saturation, 32 connections, upstream 0 ms, load from {tool}",
+        ["figure", "value"],
+    )
     table.add("misses (no-cache: upstream call + store) req/s", fmt(miss_rps, 0))
     table.add("hits req/s", fmt(hit_rps, 0))
     table.add("hits / misses", fmt(hit_rps / miss_rps, 2))
+    table.add("gateway CPU per miss / per hit (ms)", f"{fmt(miss_cpu, 3)} / {fmt(hit_cpu, 3)}")
+    table.add("gateway CPU per miss / per hit", fmt(miss_cpu / hit_cpu, 2))
     tables.append(table)
     goals.append(Goal("hit req/s vs miss req/s", hit_rps / miss_rps, 3.0, "x", at_least=True))
 
@@ -256,12 +299,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter runs (about 40 s)")
     parser.add_argument("--repeat-rate", type=float, default=0.3)
     parser.add_argument("--requests", type=int, default=0, help="replayed workload size")
+    parser.add_argument(
+        "--commit", help="run the servers from src/ as of this commit (e.g. HEAD, or an older one)"
+    )
     args = parser.parse_args()
     started = time.monotonic()
     print(f"Headrace cache benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        code = _procs.Code.at(None, Path(tmp))
+        code = _procs.Code.at(args.commit, Path(tmp))
         print(f"code: {code.describe()}\n")
         launcher = _procs.Launcher(stack, Path(tmp), code)
         mock = launcher.mock()
