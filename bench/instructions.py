@@ -3,6 +3,7 @@
     .venv/bin/python bench/instructions.py                          # working tree against HEAD
     .venv/bin/python bench/instructions.py --baseline REV --commit REV
     .venv/bin/python bench/instructions.py --requests 100           # quicker, about 5 minutes
+    .venv/bin/python bench/instructions.py --hits                   # response-cache hits instead
 
 The time figures of bench/overhead.py and bench/tenancy.py move with the machine: the same
 commit has measured 0.60 ms and 1.77 ms of gateway CPU per request on two days here. An
@@ -25,7 +26,10 @@ and its counters are dumped (``callgrind_control -d``):
   Redis's or PostgreSQL's own (other processes). ``--no-redis`` leaves it out.
 
 Prints instructions per request for each gateway and revision, and each tenant minus
-``baseline`` (what tenancy costs in instructions). The gateways run with
+``baseline`` (what tenancy costs in instructions). With ``--hits`` every request is the same
+cacheable chat (temperature 0): the first warm-up request fills the response cache and every
+counted one is a hit, checked against the mock's count of calls; ``baseline`` minus a tenant
+is then what usage records and tenancy add to a hit. The gateways run with
 ``PYTHONHASHSEED=0`` and without the timers that would fire far more often per request
 under callgrind (the job runner; usage records are written by batch). The same code counts
 0.2 % apart within a run and up to 0.7 % between runs. Needs valgrind (Debian's package).
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -81,19 +86,39 @@ def _progress(message: str) -> None:
     print(f"... {message}", file=sys.stderr, flush=True)
 
 
-def chat(gateway: Server, key: str, n: int) -> None:
+HIT = {**CHAT, "temperature": 0}  # cacheable: with --hits, answered from the cache
+
+
+def chat(gateway: Server, key: str, body: dict[str, object], n: int) -> None:
     """``n`` non-streamed chats, one at a time; each must be answered."""
     headers = {"Authorization": f"Bearer {key}"}
     for _ in range(n):
-        _procs.http("POST", gateway.url + CHAT_PATH, CHAT, headers=headers, timeout_s=60)
+        _procs.http("POST", gateway.url + CHAT_PATH, body, headers=headers, timeout_s=60)
 
 
-def counted(gateway: Server, key: str, warmup: int, requests: int, dumps: Path) -> Count:
-    """Instructions the gateway executed for ``requests`` chats after ``warmup`` of them."""
-    chat(gateway, key, warmup)
+def upstream_calls(mock: Server) -> int:
+    stats: dict[str, int] = json.loads(_procs.http("GET", mock.url + "/_mock/stats"))
+    return stats["total"]
+
+
+def counted(
+    gateway: Server,
+    mock: Server,
+    key: str,
+    body: dict[str, object],
+    counts: tuple[int, int],
+    dumps: Path,
+) -> Count:
+    """Instructions the gateway executed for ``counts[1]`` chats after ``counts[0]`` of
+    them; with the cacheable body, checks that none of those counted reached the mock."""
+    warmup, requests = counts
+    chat(gateway, key, body, max(1, warmup))
+    calls = upstream_calls(mock)
     subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, capture_output=True)
-    chat(gateway, key, requests)
+    chat(gateway, key, body, requests)
     subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, capture_output=True)
+    if body is HIT and upstream_calls(mock) != calls:
+        raise RuntimeError(f"{gateway.name}: not every counted request was a cache hit")
     dump = next(dumps.parent.glob(f"{dumps.name}.{gateway.pid}.*"))
     match = re.search(r"^(?:summary|totals): (\d+)", dump.read_text(), re.MULTILINE)
     if match is None:
@@ -147,16 +172,17 @@ def measure(
                 key, key_id = provision(gateway, team)
                 owners += [key_id, team]
             _progress(f"{code.commit or 'working tree'}: {name}, {warmup} + {requests} requests")
-            counts[name] = counted(gateway, key, warmup, requests, dumps)
+            body = HIT if args.hits else CHAT
+            counts[name] = counted(gateway, mock, key, body, (warmup, requests), dumps)
             gateway.stop()
     return counts
 
 
-def table(sides: dict[str, dict[str, Count]], requests: int) -> Table:
+def table(sides: dict[str, dict[str, Count]], requests: int, kind: str) -> Table:
     labels = list(sides)
     result = Table(
-        f"Instructions per request (callgrind, user space), non-streamed chat, {requests} "
-        "requests one at a time",
+        f"Instructions per request (callgrind, user space), {kind}, {requests} requests one "
+        "at a time",
         ["gateway", *labels, "difference"],
     )
     before, after = (sides[label] for label in labels)
@@ -189,6 +215,11 @@ def main() -> None:
     parser.add_argument(
         "--no-redis", action="store_true", help="leave the redis+postgres gateway out"
     )
+    parser.add_argument(
+        "--hits",
+        action="store_true",
+        help="count response-cache hits (one cacheable chat repeated) instead of upstream calls",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
@@ -197,7 +228,8 @@ def main() -> None:
         for label, code, where in _procs.revisions(args, workdir):
             sides[label] = measure(code, where, args.warmup, args.requests, args)
         print()
-        print(table(sides, args.requests).render())
+        kind = "response-cache hits" if args.hits else "non-streamed chat"
+        print(table(sides, args.requests, kind).render())
 
 
 if __name__ == "__main__":
