@@ -182,14 +182,10 @@ def _overhead_buckets(gateway: Server | None) -> list[tuple[float, float]]:
     return _report.histogram(text, "headrace_overhead_seconds", stage="total")
 
 
-def _mock_total(mock: Server) -> int:
-    return int(json.loads(_procs.http("GET", mock.url + "/_mock/stats"))["total"])
-
-
 def _block(handle: _procs.LoadHandle, target: Target, servers: Servers) -> Phase:
     """One measured block; the HTTP reads sit outside the CPU window so as not to count."""
     servers = servers.serving(target)
-    buckets, mock_before = _overhead_buckets(target.gateway), _mock_total(servers.mock)
+    buckets, mock_before = _overhead_buckets(target.gateway), _procs.mock_total(servers.mock)
     cpu = servers.cpu_s()
     machine = process_cpu_s()
     result = handle.run()
@@ -197,7 +193,7 @@ def _block(handle: _procs.LoadHandle, target: Target, servers: Servers) -> Phase
     part = Phase.of_block(result)
     part.server_cpu_s = {role: now - cpu[role] for role, now in servers.cpu_s().items()}
     part.other_cpu_s = max(0.0, machine - sum(part.server_cpu_s.values()) - result.cpu_s)
-    part.mock_requests = _mock_total(servers.mock) - mock_before
+    part.mock_requests = _procs.mock_total(servers.mock) - mock_before
     if target.gateway is not None:
         after = _overhead_buckets(target.gateway)
         part.overhead_buckets = _report.histogram_delta(after, buckets)

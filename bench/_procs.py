@@ -64,6 +64,11 @@ def http(
         return payload
 
 
+def mock_total(mock: Server) -> int:
+    """Every request ``headrace mock-upstream`` has answered since its start or last reset."""
+    return int(json.loads(http("GET", mock.url + "/_mock/stats"))["total"])
+
+
 @dataclass(frozen=True, slots=True)
 class CpuSample:
     """Cumulative CPU seconds (user + system, all threads) of one process."""

@@ -250,7 +250,7 @@ async def measure(gateway: _procs.Server, mock: _procs.Server, args: argparse.Na
     saved_before = counter(metrics(gateway), "headrace_cache_saved_cost_usd_total")
     bodies = [body(p, temperature=t, stream=s) for p, t, s in requests]
     replies = await open_loop(url, bodies, rate=200)
-    upstream = orjson.loads(_procs.http("GET", mock.url + "/_mock/stats"))["total"]
+    upstream = _procs.mock_total(mock)
     saved = counter(metrics(gateway), "headrace_cache_saved_cost_usd_total") - saved_before
     hits = [r for r in replies if r.cache == "hit"]
     cacheable = [r for r, (_, t, _) in zip(replies, requests, strict=True) if t == 0]

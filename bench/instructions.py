@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -96,28 +95,21 @@ def chat(gateway: Server, key: str, body: dict[str, object], n: int) -> None:
         _procs.http("POST", gateway.url + CHAT_PATH, body, headers=headers, timeout_s=60)
 
 
-def upstream_calls(mock: Server) -> int:
-    stats: dict[str, int] = json.loads(_procs.http("GET", mock.url + "/_mock/stats"))
-    return stats["total"]
-
-
 def counted(
-    gateway: Server,
-    mock: Server,
-    key: str,
-    body: dict[str, object],
-    counts: tuple[int, int],
-    dumps: Path,
+    gateway: Server, mock: Server, key: str, warmup: int, requests: int, dumps: Path, *, hits: bool
 ) -> Count:
-    """Instructions the gateway executed for ``counts[1]`` chats after ``counts[0]`` of
-    them; with the cacheable body, checks that none of those counted reached the mock."""
-    warmup, requests = counts
-    chat(gateway, key, body, max(1, warmup))
-    calls = upstream_calls(mock)
+    """Instructions the gateway executed for ``requests`` chats after ``warmup`` of them;
+    with ``hits``, one cacheable chat that a first request puts in the cache, and none of
+    those counted may reach the mock."""
+    body = HIT if hits else CHAT
+    if hits:
+        chat(gateway, key, body, 1)
+    chat(gateway, key, body, warmup)
+    calls = _procs.mock_total(mock)
     subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, capture_output=True)
     chat(gateway, key, body, requests)
     subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, capture_output=True)
-    if body is HIT and upstream_calls(mock) != calls:
+    if hits and _procs.mock_total(mock) != calls:
         raise RuntimeError(f"{gateway.name}: not every counted request was a cache hit")
     dump = next(dumps.parent.glob(f"{dumps.name}.{gateway.pid}.*"))
     match = re.search(r"^(?:summary|totals): (\d+)", dump.read_text(), re.MULTILINE)
@@ -172,8 +164,7 @@ def measure(
                 key, key_id = provision(gateway, team)
                 owners += [key_id, team]
             _progress(f"{code.commit or 'working tree'}: {name}, {warmup} + {requests} requests")
-            body = HIT if args.hits else CHAT
-            counts[name] = counted(gateway, mock, key, body, (warmup, requests), dumps)
+            counts[name] = counted(gateway, mock, key, warmup, requests, dumps, hits=args.hits)
             gateway.stop()
     return counts
 
